@@ -1,0 +1,304 @@
+"""Torch reference of the learned step: accumulators, features, per-tensor normalization, φ, output.
+
+This is the one copy of the math. `LearnedOptimizer`, the meta-training unroll and the Triton kernels' parity
+tests all go through it. Functions are pure (they return new tensors), differentiable, and take
+``batch_dims``: a parameter of shape ``S`` may arrive as ``(*B, *S)`` with ``len(B) == batch_dims`` (many
+task copies advanced together), every per-tensor reduction then runs over ``S`` only, and φ's weights may
+carry the same leading ``B`` (one perturbed φ per copy) or none (shared).
+
+State of one parameter tensor of shape ``S`` (all fp32; ``K`` momenta, ``J`` factored decays):
+
+- ``step``: number of completed steps (int64, shape ``B``);
+- ``momentum``: ``(*B, K, *S)``, ``m_k ← β_k m_k + (1−β_k) g``;
+- ``second_moment``: ``(*B, *S)``, ``v ← β_v v + (1−β_v) g²``;
+- rank ≥ 2: ``row_second_moment`` ``(*B, J, *S[:-1])`` and ``col_second_moment`` ``(*B, J, *S[:-2], S[-1])``,
+  EMAs of the column-mean and row-mean of ``g² + factored_eps`` over the last two dims;
+- rank < 2: ``full_second_moment`` ``(*B, J, *S)``, the EMA of ``g² + factored_eps`` itself.
+
+No bias correction except in ``adam_direction`` / the ``adam_residual`` output, which use Adam's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .rule import RuleConfig
+
+Weights = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}
+
+
+# ---- shapes -------------------------------------------------------------------------------------------
+
+
+def _decay_view(decays: Sequence[float], rank: int, like: torch.Tensor) -> torch.Tensor:
+    """Decays as a ``(K, 1, …, 1)`` tensor that broadcasts against ``(*B, K, *S)`` with ``len(S) == rank``."""
+    return torch.tensor(list(decays), dtype=like.dtype, device=like.device).view(-1, *([1] * rank))
+
+
+def _tensor_dims(x: torch.Tensor, batch_dims: int) -> tuple[int, ...]:
+    return tuple(range(batch_dims, x.dim()))
+
+
+def tensor_mean(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Mean over the tensor's own dims (not the batch dims), keepdim. 0-d tensors are their own mean."""
+    dims = _tensor_dims(x, batch_dims)
+    return x.mean(dim=dims, keepdim=True) if dims else x
+
+
+def is_factored(shape: Sequence[int]) -> bool:
+    """Rank ≥ 2 tensors keep row/column statistics over their last two dims; others a full accumulator."""
+    return len(shape) >= 2
+
+
+# ---- accumulators -------------------------------------------------------------------------------------
+
+
+def init_state(
+    config: RuleConfig,
+    shape: Sequence[int],
+    batch_shape: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Zero accumulators for a parameter of shape ``shape`` (optionally with leading ``batch_shape``).
+
+    Accumulators are fp32 in every real use; ``dtype`` exists so that tests can run the math in fp64.
+    """
+    shape, batch_shape = tuple(shape), tuple(batch_shape)
+    k, j = len(config.momentum_decays), len(config.factored_decays)
+    f32 = dict(dtype=dtype, device=device)
+    state = {
+        "step": torch.zeros(batch_shape, dtype=torch.int64, device=device),
+        "momentum": torch.zeros((*batch_shape, k, *shape), **f32),
+        "second_moment": torch.zeros((*batch_shape, *shape), **f32),
+    }
+    if is_factored(shape):
+        state["row_second_moment"] = torch.zeros((*batch_shape, j, *shape[:-1]), **f32)
+        state["col_second_moment"] = torch.zeros((*batch_shape, j, *shape[:-2], shape[-1]), **f32)
+    else:
+        state["full_second_moment"] = torch.zeros((*batch_shape, j, *shape), **f32)
+    return state
+
+
+def update_accumulators(
+    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], batch_dims: int = 0
+) -> dict[str, torch.Tensor]:
+    """One EMA step of every accumulator with gradient ``grad`` (fp32); ``step`` is left to the caller."""
+    rank = grad.dim() - batch_dims
+    g = grad.unsqueeze(batch_dims)  # (*B, 1, *S) broadcasts against the stacked (*B, K, *S)
+    beta_m = _decay_view(config.momentum_decays, rank, grad)
+    new = dict(state)
+    new["momentum"] = beta_m * state["momentum"] + (1 - beta_m) * g
+    beta_v = config.second_moment_decay
+    new["second_moment"] = beta_v * state["second_moment"] + (1 - beta_v) * grad * grad
+    g2 = g * g + config.factored_eps
+    if rank >= 2:
+        beta_row = _decay_view(config.factored_decays, rank - 1, grad)
+        new["row_second_moment"] = beta_row * state["row_second_moment"] + (1 - beta_row) * g2.mean(dim=-1)
+        new["col_second_moment"] = beta_row * state["col_second_moment"] + (1 - beta_row) * g2.mean(dim=-2)
+    else:
+        beta_full = _decay_view(config.factored_decays, rank, grad)
+        new["full_second_moment"] = beta_full * state["full_second_moment"] + (1 - beta_full) * g2
+    return new
+
+
+def factored_statistics(
+    config: RuleConfig, state: dict[str, torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row/column second moments broadcast to ``(*B, J, *S)`` and Adafactor's row/column factors.
+
+    For rank ≥ 2 (Adafactor): ``v̂_j = row_j ⊗ col_j / mean(row_j)``, ``row_factor_j = rsqrt(row_j / mean(row_j))``
+    and ``col_factor_j = rsqrt(col_j)``, so ``g · row_factor_j · col_factor_j = g / √v̂_j``.
+    For rank < 2 both row and column statistics are the full accumulator ``f_j``, ``row_factor_j = rsqrt(f_j)``
+    and ``col_factor_j = 1``.
+    Returns ``(row, col, row_factor, col_factor)`` each broadcastable to ``(*B, J, *S)``.
+    """
+    if rank >= 2:
+        row = state["row_second_moment"].unsqueeze(-1)  # (*B, J, *S[:-1], 1)
+        col = state["col_second_moment"].unsqueeze(-2)  # (*B, J, *S[:-2], 1, C)
+        row_factor = torch.rsqrt(row / row.mean(dim=-2, keepdim=True))
+        col_factor = torch.rsqrt(col)
+        return row, col, row_factor, col_factor
+    full = state["full_second_moment"]
+    return full, full, torch.rsqrt(full), torch.ones_like(full)
+
+
+def adam_direction(config: RuleConfig, state: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+    """Adam's update direction ``m̂/(√v̂ + adam_eps)`` from the (already updated) accumulators.
+
+    ``m̂ = m_i/(1 − β_i^t)`` with ``i = adam_momentum_index`` and ``v̂ = v/(1 − β_v^t)``, ``t = state['step']``
+    counting the current step (so ``t ≥ 1``).
+    """
+    rank = state["second_moment"].dim() - batch_dims
+    t = state["step"].to(state["second_moment"].dtype).reshape((*state["step"].shape, *([1] * rank)))
+    beta1 = config.momentum_decays[config.adam_momentum_index]
+    m = state["momentum"].select(batch_dims, config.adam_momentum_index)
+    m_hat = m / (1 - beta1**t)
+    v_hat = state["second_moment"] / (1 - config.second_moment_decay**t)
+    return m_hat / (torch.sqrt(v_hat) + config.adam_eps)
+
+
+def time_features(config: RuleConfig, step: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``tanh(t/τ − 1)`` for each τ in ``time_scales``; shape ``(*B, T)``. ``t`` counts completed steps."""
+    scales = torch.tensor(config.time_scales, dtype=dtype, device=step.device)
+    return torch.tanh(step.to(dtype).unsqueeze(-1) / scales - 1.0)
+
+
+def compute_features(
+    config: RuleConfig,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    batch_dims: int = 0,
+) -> torch.Tensor:
+    """Unnormalized non-time features, features-first: ``(*B, F, N)`` with ``N = numel(S)``.
+
+    ``state`` holds the accumulators *after* this step's update, and ``state['step']`` counts this step.
+    Column order follows ``config.features`` (each group expanded to its width), "time" excluded.
+    """
+    rank = param.dim() - batch_dims
+    batch_shape = param.shape[:batch_dims]
+    momentum, v = state["momentum"], state["second_moment"]
+    rsqrt_v = torch.rsqrt(v + config.second_moment_eps)
+    columns: list[torch.Tensor] = []  # each (*B, w, *S)
+    factored = None
+    for name in config.features:
+        if name == "time":
+            continue
+        if name in (
+            "adafactor_grad",
+            "row_second_moment",
+            "col_second_moment",
+            "rsqrt_row_second_moment",
+            "rsqrt_col_second_moment",
+            "adafactor_momentum",
+        ) and factored is None:
+            factored = factored_statistics(config, state, rank)
+        if name == "grad":
+            feature = grad.unsqueeze(batch_dims)
+        elif name == "param":
+            feature = param.unsqueeze(batch_dims)
+        elif name == "momentum":
+            feature = momentum
+        elif name == "second_moment":
+            feature = v.unsqueeze(batch_dims)
+        elif name == "momentum_rsqrt_second_moment":
+            feature = momentum * rsqrt_v.unsqueeze(batch_dims)
+        elif name == "rsqrt_second_moment":
+            feature = rsqrt_v.unsqueeze(batch_dims)
+        elif name == "adafactor_grad":
+            row, col, row_factor, col_factor = factored
+            feature = grad.unsqueeze(batch_dims) * row_factor * col_factor
+        elif name == "row_second_moment":
+            feature = factored[0]
+        elif name == "col_second_moment":
+            feature = factored[1]
+        elif name == "rsqrt_row_second_moment":
+            feature = torch.rsqrt(factored[0] + config.factored_rsqrt_eps)
+        elif name == "rsqrt_col_second_moment":
+            feature = torch.rsqrt(factored[1] + config.factored_rsqrt_eps)
+        elif name == "adafactor_momentum":
+            feature = momentum * factored[2] * factored[3]
+        elif name == "adam_direction":
+            feature = adam_direction(config, state, batch_dims).unsqueeze(batch_dims)
+        else:  # pragma: no cover - RuleConfig.validate() rejects unknown names
+            raise ValueError(name)
+        width = config.feature_width(name)
+        columns.append(feature.expand(*batch_shape, width, *param.shape[batch_dims:]))
+    stacked = torch.cat(columns, dim=batch_dims)  # (*B, F, *S)
+    return stacked.reshape(*batch_shape, stacked.shape[batch_dims], -1)
+
+
+def feature_normalizers(config: RuleConfig, features: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(normalization_eps + mean(x²))`` per feature column, mean over the tensor: ``(*B, F)``."""
+    return torch.rsqrt(config.normalization_eps + (features * features).mean(dim=-1))
+
+
+def apply_network(
+    config: RuleConfig,
+    weights: Weights,
+    features: torch.Tensor,
+    normalizers: torch.Tensor,
+    time: torch.Tensor | None,
+) -> torch.Tensor:
+    """φ on normalized features: returns ``(*B, 2, N)`` (direction, log-magnitude).
+
+    Normalization and the time features are per tensor, so they are folded into the first layer:
+    ``W₁ (x ⊙ s) + W₁ᵗ τ + b₁ = (W₁ ⊙ s) x + (b₁ + W₁ᵗ τ)``. This is exact math, cheaper than scaling
+    ``F × N`` features, and is what the fused kernel does too.
+    """
+    activation = _ACTIVATIONS[config.activation]
+    n_plain = features.shape[-2]
+    (w1, b1), rest = weights[0], weights[1:]
+    w_plain = w1[..., :n_plain] * normalizers.unsqueeze(-2)  # (*B, H, F)
+    bias = b1
+    if time is not None and config.num_time_inputs:
+        bias = b1 + (w1[..., n_plain:] @ time.unsqueeze(-1)).squeeze(-1)  # (*B, H)
+    hidden = w_plain @ features + bias.unsqueeze(-1)
+    for w, b in rest:
+        hidden = w @ activation(hidden) + b.unsqueeze(-1)
+    return hidden
+
+
+def output_step(
+    config: RuleConfig,
+    network_output: torch.Tensor,
+    param: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    batch_dims: int = 0,
+) -> torch.Tensor:
+    """Turn φ's output ``(*B, 2, N)`` into the step ``u`` of the param's shape (before ``lr``)."""
+    shape = param.shape
+    direction = network_output.select(-2, 0).reshape(shape)
+    magnitude = network_output.select(-2, 1).reshape(shape)
+    if config.output == "small_fc_lopt":
+        step = direction * torch.exp(magnitude * config.exp_mult) * config.step_mult
+    elif config.output == "normalized":
+        raw = direction * torch.exp(magnitude * config.exp_mult)
+        step = raw * torch.rsqrt(tensor_mean(raw * raw, batch_dims) + 1e-12) * config.step_mult
+    elif config.output == "adam_residual":
+        scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+        step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+    else:  # pragma: no cover
+        raise ValueError(config.output)
+    if config.param_scale:
+        rms = torch.sqrt(tensor_mean(param * param, batch_dims))
+        step = step * torch.clamp(rms, min=config.param_scale_min)
+    return step
+
+
+def learned_update(
+    config: RuleConfig,
+    weights: Weights,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    lr: float | torch.Tensor = 1.0,
+    weight_decay: float | torch.Tensor = 0.0,
+    batch_dims: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One learned step of one parameter tensor (fp32 in, fp32 out).
+
+    ``p' = p · (1 − lr · step_mult · weight_decay) − lr · u(features(p, g, state'), φ)`` where ``state'`` is
+    the state after the accumulator update and the time features read the completed-step count before it.
+    Returns ``(p', state')``; nothing is modified in place.
+    """
+    time_step = state["step"]
+    new_state = update_accumulators(config, grad, state, batch_dims)
+    new_state["step"] = time_step + 1
+    features = compute_features(config, param, grad, new_state, batch_dims)
+    normalizers = feature_normalizers(config, features)
+    time = time_features(config, time_step, param.dtype) if config.num_time_inputs else None
+    output = apply_network(config, weights, features, normalizers, time)
+    step = output_step(config, output, param, new_state, batch_dims)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.reshape((*lr.shape, *([1] * (param.dim() - lr.dim()))))
+    new_param = param - lr * step
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        new_param = new_param - lr * (config.step_mult * weight_decay) * param
+    return new_param, new_state

@@ -1,0 +1,370 @@
+"""The learned update rule: `RuleConfig` (every constant the step depends on) and `LearnedRule` (φ + config).
+
+A rule is a tiny MLP shared by all coordinates. It reads per-coordinate features (gradient, parameter,
+momenta, second moments, Adafactor-style factored statistics, time) and writes a direction ``d`` and a
+log-magnitude ``a`` that the output formula turns into a step. The math lives once, in `features.py`.
+
+On disk a rule is two files: ``rule_config.json`` (a `RuleConfig`) and ``rule.safetensors`` (φ), plus an
+optional ``provenance.json`` saying how it was made. Nothing in a rule depends on code defaults: the JSON
+holds every constant, and loading refuses fields it does not know and fields that are missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .format import (
+    FormatVersionError,
+    MissingFileError,
+    RuleConfigError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_safetensors_file,
+    read_json_file,
+    save_safetensors_bytes,
+)
+
+RULE_FORMAT_VERSION = 1
+RULE_CONFIG_NAME = "rule_config.json"
+RULE_WEIGHTS_NAME = "rule.safetensors"
+PROVENANCE_NAME = "provenance.json"
+
+#: Feature groups a rule may read, in the order small_fc_lopt reads them. The width of each group is given
+#: by `feature_width`. "time" (unnormalized tanh(t/τ − 1) features) must come last.
+FEATURE_GROUPS = (
+    "grad",  # g
+    "param",  # p
+    "momentum",  # m_k, one per momentum decay
+    "second_moment",  # v
+    "momentum_rsqrt_second_moment",  # m_k · rsqrt(v + second_moment_eps)
+    "rsqrt_second_moment",  # rsqrt(v + second_moment_eps)
+    "adafactor_grad",  # g · row_factor_j · col_factor_j, one per factored decay
+    "row_second_moment",  # row EMA_j broadcast over columns
+    "col_second_moment",  # column EMA_j broadcast over rows
+    "rsqrt_row_second_moment",  # rsqrt(row_j + factored_rsqrt_eps)
+    "rsqrt_col_second_moment",  # rsqrt(col_j + factored_rsqrt_eps)
+    "adafactor_momentum",  # m_k · row_factor_k · col_factor_k (needs as many momenta as factored decays)
+    "adam_direction",  # bias-corrected m̂/(√v̂ + adam_eps) with β1 = momentum_decays[adam_momentum_index]
+    "time",  # tanh(t/τ − 1) for τ in time_scales; not normalized
+)
+
+#: The small_fc_lopt feature list (39 inputs with the default decays and time scales).
+SMALL_FC_LOPT_FEATURES = [g for g in FEATURE_GROUPS if g != "adam_direction"]
+
+OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual")
+ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
+SCHEDULES = ("constant",)
+FACTORED_DIMS = ("last_two",)
+
+
+@dataclass
+class RuleConfig:
+    """Everything the learned step depends on, serializable to JSON.
+
+    Output forms (``u`` is the step before ``lr``; the update is ``p ← p·(1 − lr·step_mult·wd) − lr·u``):
+
+    - ``small_fc_lopt``: ``u = d · exp(a · exp_mult) · step_mult`` (Metz et al. 2022).
+    - ``normalized``: ``u = step_mult · w / RMS(w)`` with ``w = d · exp(a · exp_mult)``, RMS over the tensor
+      (Celo2-style: the rule picks the direction, ``lr``/the schedule picks the scale).
+    - ``adam_residual``: ``u = step_mult · exp(magnitude_bound · tanh(a)) · (m̂/(√v̂ + adam_eps) + d)``: with a
+      zero last layer this is exactly Adam with learning rate ``step_mult``.
+
+    With ``param_scale`` the step is further multiplied by ``max(RMS(p), param_scale_min)`` (VeLO/Celo-style
+    relative updates). Weight decay is decoupled and scaled by ``step_mult``, so ``weight_decay`` means what it
+    means for AdamW at learning rate ``step_mult``.
+    """
+
+    features: list[str] = field(default_factory=lambda: list(SMALL_FC_LOPT_FEATURES))
+    momentum_decays: list[float] = field(default_factory=lambda: [0.9, 0.99, 0.999])
+    second_moment_decay: float = 0.999
+    factored_decays: list[float] = field(default_factory=lambda: [0.9, 0.99, 0.999])
+    time_scales: list[float] = field(
+        default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5]
+    )
+    second_moment_eps: float = 1e-6
+    factored_eps: float = 1e-30
+    factored_rsqrt_eps: float = 1e-8
+    factored_dims: str = "last_two"
+    normalization_eps: float = 1e-5
+    adam_eps: float = 1e-8
+    adam_momentum_index: int = 0
+    hidden_sizes: list[int] = field(default_factory=lambda: [32, 32])
+    activation: str = "relu"
+    output: str = "small_fc_lopt"
+    exp_mult: float = 0.001
+    step_mult: float = 0.001
+    magnitude_bound: float = 1.0
+    param_scale: bool = False
+    param_scale_min: float = 1e-3
+    schedule: str = "constant"
+    format_version: int = RULE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------
+    def feature_width(self, group: str) -> int:
+        """Number of input columns a feature group contributes."""
+        k, j = len(self.momentum_decays), len(self.factored_decays)
+        widths = {
+            "grad": 1,
+            "param": 1,
+            "momentum": k,
+            "second_moment": 1,
+            "momentum_rsqrt_second_moment": k,
+            "rsqrt_second_moment": 1,
+            "adafactor_grad": j,
+            "row_second_moment": j,
+            "col_second_moment": j,
+            "rsqrt_row_second_moment": j,
+            "rsqrt_col_second_moment": j,
+            "adafactor_momentum": k,
+            "adam_direction": 1,
+            "time": len(self.time_scales),
+        }
+        return widths[group]
+
+    @property
+    def num_inputs(self) -> int:
+        return sum(self.feature_width(g) for g in self.features)
+
+    @property
+    def num_time_inputs(self) -> int:
+        return self.feature_width("time") if "time" in self.features else 0
+
+    @property
+    def num_outputs(self) -> int:
+        return 2
+
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each linear layer of φ."""
+        sizes = [self.num_inputs, *self.hidden_sizes, self.num_outputs]
+        return [(sizes[i + 1], sizes[i]) for i in range(len(sizes) - 1)]
+
+    # ---- validation ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `RuleConfigError` naming the first field that is wrong."""
+
+        def bad(name: str, why: str) -> RuleConfigError:
+            return RuleConfigError(f"RuleConfig.{name}: {why}")
+
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise bad("format_version", f"must be an integer, got {self.format_version!r}")
+        if self.format_version > RULE_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"RuleConfig.format_version is {self.format_version}, but this optbundle reads rule format "
+                f"versions up to {RULE_FORMAT_VERSION}; upgrade optbundle to load this rule"
+            )
+        if self.format_version < 1:
+            raise bad("format_version", f"must be >= 1, got {self.format_version}")
+        if not isinstance(self.features, list) or not self.features:
+            raise bad("features", "must be a non-empty list of feature names")
+        for name in self.features:
+            if name not in FEATURE_GROUPS:
+                raise bad("features", f"unknown feature {name!r}; known features: {', '.join(FEATURE_GROUPS)}")
+        if len(set(self.features)) != len(self.features):
+            raise bad("features", "lists a feature twice")
+        if "time" in self.features and self.features[-1] != "time":
+            raise bad("features", "'time' must be the last feature (time features are appended unnormalized)")
+        if self.features == ["time"]:
+            raise bad("features", "needs at least one feature besides 'time'")
+        for name in ("momentum_decays", "factored_decays"):
+            decays = getattr(self, name)
+            if not isinstance(decays, list) or not decays:
+                raise bad(name, "must be a non-empty list of decays in [0, 1)")
+            for d in decays:
+                if not _is_number(d) or not 0.0 <= d < 1.0:
+                    raise bad(name, f"decay {d!r} is not in [0, 1)")
+        if not _is_number(self.second_moment_decay) or not 0.0 <= self.second_moment_decay < 1.0:
+            raise bad("second_moment_decay", f"{self.second_moment_decay!r} is not in [0, 1)")
+        if "adafactor_momentum" in self.features and len(self.momentum_decays) != len(self.factored_decays):
+            raise bad(
+                "features",
+                "'adafactor_momentum' pairs momentum k with factored decay k, so momentum_decays and "
+                "factored_decays need the same length",
+            )
+        if not isinstance(self.time_scales, list) or any(not _is_number(t) or t <= 0 for t in self.time_scales):
+            raise bad("time_scales", "must be a list of positive numbers")
+        if "time" in self.features and not self.time_scales:
+            raise bad("time_scales", "is empty but 'time' is a feature")
+        for name in ("second_moment_eps", "factored_rsqrt_eps", "normalization_eps", "adam_eps"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise bad(name, f"must be a positive number, got {value!r}")
+        if not _is_number(self.factored_eps) or self.factored_eps < 0:
+            raise bad("factored_eps", f"must be a non-negative number, got {self.factored_eps!r}")
+        if self.factored_dims not in FACTORED_DIMS:
+            raise bad("factored_dims", f"unknown value {self.factored_dims!r}; known: {', '.join(FACTORED_DIMS)}")
+        if (
+            not isinstance(self.adam_momentum_index, int)
+            or not 0 <= self.adam_momentum_index < len(self.momentum_decays)
+        ):
+            raise bad("adam_momentum_index", f"must index momentum_decays, got {self.adam_momentum_index!r}")
+        if not isinstance(self.hidden_sizes, list):
+            raise bad("hidden_sizes", "must be a list of positive integers")
+        for width in self.hidden_sizes:
+            if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+                raise bad("hidden_sizes", f"width {width!r} is not a positive integer")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if self.output not in OUTPUT_FORMS:
+            raise bad("output", f"unknown output form {self.output!r}; known: {', '.join(OUTPUT_FORMS)}")
+        for name in ("exp_mult", "step_mult", "magnitude_bound", "param_scale_min"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise bad(name, f"must be a finite non-negative number, got {value!r}")
+        if not isinstance(self.param_scale, bool):
+            raise bad("param_scale", f"must be true or false, got {self.param_scale!r}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+
+    # ---- (de)serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "rule config") -> RuleConfig:
+        """Build a config from JSON data; unknown or missing fields are errors that name the field."""
+        if not isinstance(data, dict):
+            raise RuleConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if isinstance(version, int) and version > RULE_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{source}: format_version {version} is newer than the {RULE_FORMAT_VERSION} this optbundle "
+                "reads; upgrade optbundle to load this rule"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RuleConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        missing = sorted(known - set(data))
+        if missing:
+            raise RuleConfigError(
+                f"{source}: missing field(s) {', '.join(missing)} (a rule stores every constant; none are defaulted)"
+            )
+        try:
+            return cls(**data)
+        except RuleConfigError as err:
+            raise RuleConfigError(f"{source}: {err}") from None
+        except TypeError as err:  # e.g. unhashable values inside lists
+            raise RuleConfigError(f"{source}: {err}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "rule config") -> RuleConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RuleConfigError(f"{source}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=source)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class LearnedRule(nn.Module):
+    """φ (an MLP shared by all coordinates) together with the `RuleConfig` that says how to use it.
+
+    ``layers[i]`` are `nn.Linear` modules with the shapes of `RuleConfig.layer_shapes`. ``provenance`` is a
+    JSON-serializable dict describing how the rule was made (kept beside the weights, never interpreted).
+    """
+
+    def __init__(self, config: RuleConfig, provenance: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in config.layer_shapes())
+        self.provenance: dict[str, Any] = dict(provenance or {})
+
+    @property
+    def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """φ as ``[(weight, bias), ...]`` for the functional step in `features.py`."""
+        return [(layer.weight, layer.bias) for layer in self.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def content_hash(self) -> str:
+        """sha256 over the canonical config JSON and φ's bytes: identifies a rule (e.g. as a parent)."""
+        import hashlib
+
+        digest = hashlib.sha256(self.config.to_json().encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"features={c.num_inputs}, hidden={c.hidden_sizes}, output={c.output!r}, params={self.num_parameters()}"
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write ``rule_config.json``, ``rule.safetensors`` and ``provenance.json`` (each atomically)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self.to_files().items():
+            atomic_write_bytes(directory / name, data)
+
+    def to_files(self) -> dict[str, bytes]:
+        """The rule's files as bytes, keyed by file name."""
+        tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.state_dict().items()}
+        files = {
+            RULE_CONFIG_NAME: (self.config.to_json() + "\n").encode(),
+            RULE_WEIGHTS_NAME: save_safetensors_bytes(tensors, metadata={"format": "pt", "kind": "optbundle-rule"}),
+        }
+        if self.provenance:
+            files[PROVENANCE_NAME] = (json.dumps(self.provenance, indent=2, sort_keys=True) + "\n").encode()
+        return files
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **hub_kwargs: Any) -> LearnedRule:
+        """Load a rule from a directory holding ``rule_config.json`` + ``rule.safetensors``.
+
+        A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded.
+        """
+        path = Path(directory)
+        if not path.exists():
+            raise MissingFileError(f"{path}: no such rule directory")
+        if (path / "optimizer" / RULE_CONFIG_NAME).exists():
+            path = path / "optimizer"
+        return cls.from_directory(path)
+
+    @classmethod
+    def from_directory(cls, path: Path) -> LearnedRule:
+        config_path = path / RULE_CONFIG_NAME
+        config = RuleConfig.from_dict(read_json_file(config_path), source=str(config_path))
+        provenance_path = path / PROVENANCE_NAME
+        provenance = read_json_file(provenance_path) if provenance_path.exists() else {}
+        rule = cls(config, provenance=provenance)
+        weights_path = path / RULE_WEIGHTS_NAME
+        tensors = load_safetensors_file(weights_path)
+        expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if set(expected) != set(got):
+            missing = sorted(set(expected) - set(got))
+            extra = sorted(set(got) - set(expected))
+            raise RuleConfigError(
+                f"{weights_path}: tensors do not match {config_path} (missing: {missing or 'none'}, "
+                f"unexpected: {extra or 'none'})"
+            )
+        for key, shape in expected.items():
+            if got[key] != shape:
+                raise RuleConfigError(
+                    f"{weights_path}: tensor {key!r} has shape {list(got[key])}, the config asks for {list(shape)}"
+                )
+            if not torch.isfinite(tensors[key]).all():
+                raise RuleConfigError(f"{weights_path}: tensor {key!r} holds NaN or inf")
+        rule.load_state_dict(tensors)
+        return rule
