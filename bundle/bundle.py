@@ -9,7 +9,18 @@ weights and a ``bundle.json`` manifest that lists every file with its size and s
     optimizer/provenance.json             # how the rule was made
     optimizer/state.safetensors           # optional: accumulators keyed "<param name>:<state key>"
     optimizer/state.json                  # optional: per-parameter shape, dtype, step, skipped steps
+    optimizer/routing.json                # layer-wise bundles: which parameters each extra rule updates
+    optimizer/rules/<name>/...            # layer-wise bundles: the extra rules (same files as a rule)
     bundle.json, README.md
+
+An adapter bundle holds PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` instead of the model
+files (so ``PeftModel.from_pretrained(base, bundle_dir)`` keeps working) and records the base model's
+identity in ``bundle.json``.
+
+Layer-wise rules: the default rule stays at ``optimizer/rule_config.json`` + ``rule.safetensors`` so that a
+single-rule reader (and `LearnedRule.from_pretrained(bundle_dir)`) sees the rule that updates everything not
+routed elsewhere; extra rules sit in ``optimizer/rules/<name>/`` and ``routing.json`` lists
+``{"pattern": glob on parameter names, "rule": name}`` entries, first match wins.
 
 Saving builds the whole folder in a temporary sibling and renames it into place; loading verifies the
 manifest before reading anything, and reads only JSON and safetensors.
@@ -17,9 +28,10 @@ manifest before reading anything, and reads only JSON and safetensors.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +57,16 @@ from .format import (
     staging_directory,
     verify_manifest,
 )
-from .optimizer import LearnedOptimizer, constant_schedule
+from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
 from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
+ROUTING_FORMAT_VERSION = 1
 TORCH_WEIGHTS_NAME = "model.safetensors"
+ROUTING_NAME = "routing.json"
+RULES_DIR = "rules"
 
 NamedState = dict[str, dict[str, torch.Tensor]]
 
@@ -78,29 +93,56 @@ class Bundle:
     Args:
         model: a transformers ``PreTrainedModel`` (saved in transformers' own layout) or any ``nn.Module``
             (saved as ``model.safetensors``; loading then needs ``model=`` to load into).
-        rule: the `LearnedRule` that fine-tunes it.
+        rule: the `LearnedRule` that fine-tunes it, or ``{name: LearnedRule}`` with a ``"default"`` entry for
+            layer-wise rules (then ``routing`` says which parameters the other rules update).
         state: accumulators to ship: a `LearnedOptimizer` (its state is read by parameter name) or a mapping
             ``{param name: {state key: tensor}}``. ``None`` ships none: the optimizer starts fresh.
         tokenizer: optional tokenizer/processor saved beside the model.
+        routing: ``[(glob pattern on parameter names, rule name), ...]``, first match wins, unmatched
+            parameters use ``"default"``. E.g. ``[("*lora_B*", "lora_b")]``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        rule: LearnedRule,
+        rule: LearnedRule | Mapping[str, LearnedRule],
         state: LearnedOptimizer | Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         tokenizer: Any = None,
+        routing: Sequence[tuple[str, str]] | None = None,
     ) -> None:
-        if not isinstance(rule, LearnedRule):
-            raise TypeError(f"rule must be a LearnedRule, got {type(rule).__name__}")
+        if isinstance(rule, LearnedRule):
+            rules = {DEFAULT_RULE_NAME: rule}
+        elif isinstance(rule, Mapping) and all(isinstance(r, LearnedRule) for r in rule.values()):
+            rules = dict(rule)
+            if DEFAULT_RULE_NAME not in rules:
+                raise ValueError(f"a mapping of rules needs a {DEFAULT_RULE_NAME!r} entry; got {sorted(rules)}")
+        else:
+            raise TypeError(f"rule must be a LearnedRule or a mapping name -> LearnedRule, got {type(rule).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.routing = [(str(pattern), str(name)) for pattern, name in (routing or [])]
+        for pattern, name in self.routing:
+            if name not in rules:
+                raise ValueError(f"routing sends {pattern!r} to rule {name!r}, which is not one of {sorted(rules)}")
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"rule name {name!r} cannot be used as a folder name")
         self.model = model
-        self.rule = rule
+        self.rules = rules
         self.tokenizer = tokenizer
         self.state: NamedState | None = None
         if state is not None:
             self.set_state(state)
+
+    @property
+    def rule(self) -> LearnedRule:
+        """The default rule (the only one unless the bundle is layer-wise)."""
+        return self.rules[DEFAULT_RULE_NAME]
+
+    def rule_name_for(self, parameter_name: str) -> str:
+        for pattern, name in self.routing:
+            if fnmatch.fnmatchcase(parameter_name, pattern):
+                return name
+        return DEFAULT_RULE_NAME
 
     # ---- optimizer -----------------------------------------------------------------------------------
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -120,7 +162,11 @@ class Bundle:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
-        optimizer = LearnedOptimizer(named, self.rule, **overrides)
+        groups: dict[str, list] = {}
+        for name, param in named:
+            groups.setdefault(self.rule_name_for(name), []).append((name, param))
+        param_groups = [{"params": params, "rule": rule_name} for rule_name, params in groups.items()]
+        optimizer = LearnedOptimizer(param_groups, self.rules, **overrides)
         if self.state:
             restored = optimizer.load_named_state(self.state)
             logger.info("restored optimizer state for %d of %d trainable parameters", len(restored), len(named))
@@ -175,16 +221,27 @@ class Bundle:
             self._write_model(staging)
             opt_dir = staging / OPTIMIZER_DIR
             self.rule.save_pretrained(opt_dir)
+            for name, rule in self.rules.items():
+                if name != DEFAULT_RULE_NAME:
+                    rule.save_pretrained(opt_dir / RULES_DIR / name)
+            if len(self.rules) > 1 or self.routing:
+                atomic_write_json(
+                    opt_dir / ROUTING_NAME,
+                    {
+                        "format_version": ROUTING_FORMAT_VERSION,
+                        "rules": sorted(self.rules),
+                        "routes": [{"pattern": p, "rule": r} for p, r in self.routing],
+                    },
+                )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype)
             from .card import model_card
 
             (staging / "README.md").write_text(model_card(self), encoding="utf-8")
-            manifest = build_manifest(
-                staging,
-                kind=self.kind,
-                extra={"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()},
-            )
+            extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
+            if self.kind == "peft":
+                extra["base_model"] = base_model_identity(self.model)
+            manifest = build_manifest(staging, kind=self.kind, extra=extra)
             atomic_write_json(staging / MANIFEST_NAME, manifest)
             commit_directory(staging, target)
         except BaseException:
@@ -209,6 +266,30 @@ class Bundle:
             if path.is_file() and path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle"):
                 raise BundleError(f"{path.name}: the model wrote a pickle-based file; bundles hold only safetensors/JSON")
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        overwrite_card: bool = False,
+        save_state: bool = True,
+    ) -> Any:
+        """Publish the bundle to the Hub repo ``repo_id`` as ONE commit (created if missing) and return its
+        ``huggingface_hub.CommitInfo`` (``.oid`` is the commit sha to pin with ``from_pretrained(revision=)``).
+
+        ``revision`` is the branch to push to (default ``main``). A README.md edited on the Hub is kept unless
+        ``overwrite_card=True``. See `optbundle.hub.push_directory`.
+        """
+        from .hub import push_bundle
+
+        return push_bundle(
+            self, repo_id, save_state=save_state, revision=revision, private=private,
+            commit_message=commit_message, token=token, overwrite_card=overwrite_card,
+        )
+
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -217,23 +298,44 @@ class Bundle:
         *,
         model: nn.Module | None = None,
         model_class: Any = None,
+        base_model: nn.Module | str | Path | None = None,
         load_state: bool = True,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **model_kwargs: Any,
     ) -> Bundle:
-        """Load a bundle directory after verifying every file against ``bundle.json``.
+        """Load a bundle directory (or Hub repo ``"namespace/name"``) after verifying every file against ``bundle.json``.
+
+        A Hub id is resolved to one commit (``revision``: branch, tag or sha; default ``main``) and every file is
+        fetched at that commit into the Hugging Face cache (``cache_dir``), then loaded like a directory.
+        ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) loads what was fetched before without the network.
 
         ``model``: an existing module to load the weights into (needed for plain-torch bundles).
         ``model_class``: a transformers class to load with (default: the one named in ``config.json``'s
         ``architectures``). ``model_kwargs`` go to its ``from_pretrained`` (e.g. ``dtype``).
+        ``base_model``: for adapter bundles, the base model (a module, or a folder/alias to load it from;
+        default: the base recorded in the bundle). Its identity is checked against the one recorded.
         """
+        from .hub import is_hub_reference, load_bundle_from_hub
+
+        if is_hub_reference(path):
+            return load_bundle_from_hub(
+                cls, path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                model=model, model_class=model_class, base_model=base_model, load_state=load_state, **model_kwargs,
+            )
         directory = Path(path)
         if not directory.is_dir():
             raise MissingFileError(f"{directory}: not a bundle directory")
         manifest = read_manifest(directory)
         verify_manifest(directory, manifest)
-        rule = LearnedRule.from_directory(directory / OPTIMIZER_DIR)
+        rules, routing = read_rules(directory / OPTIMIZER_DIR)
         kind = manifest.get("kind")
-        loaded_model = _load_model(directory, kind, model, model_class, model_kwargs)
+        if kind == "peft":
+            loaded_model = _load_adapter_model(directory, manifest, base_model, model_class, model_kwargs)
+        else:
+            loaded_model = _load_model(directory, kind, model, model_class, model_kwargs)
         state = None
         if load_state and (directory / OPTIMIZER_DIR / STATE_TENSORS_NAME).exists():
             state = read_named_state(directory / OPTIMIZER_DIR)
@@ -242,9 +344,85 @@ class Bundle:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        bundle = cls(loaded_model, rule, tokenizer=tokenizer)
+        bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing)
         bundle.state = state
         return bundle
+
+
+def read_rules(opt_dir: Path) -> tuple[dict[str, LearnedRule], list[tuple[str, str]]]:
+    """The default rule, any extra rules under ``rules/``, and the routing table."""
+    rules = {DEFAULT_RULE_NAME: LearnedRule.from_directory(opt_dir)}
+    routing_path = opt_dir / ROUTING_NAME
+    if not routing_path.exists():
+        return rules, []
+    info = read_json_file(routing_path)
+    if not isinstance(info, dict) or not isinstance(info.get("routes"), list) or not isinstance(info.get("rules"), list):
+        raise CorruptFileError(f"{routing_path}: expected an object with 'rules' and 'routes' lists")
+    if info.get("format_version", 0) > ROUTING_FORMAT_VERSION:
+        from .format import FormatVersionError
+
+        raise FormatVersionError(f"{routing_path}: format_version {info['format_version']} is newer than this optbundle reads")
+    for name in info["rules"]:
+        if name == DEFAULT_RULE_NAME:
+            continue
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            raise CorruptFileError(f"{routing_path}: bad rule name {name!r}")
+        rules[name] = LearnedRule.from_directory(opt_dir / RULES_DIR / name)
+    routing = []
+    for entry in info["routes"]:
+        if not isinstance(entry, dict) or entry.get("rule") not in rules or not isinstance(entry.get("pattern"), str):
+            raise CorruptFileError(f"{routing_path}: route {entry!r} needs a 'pattern' and a known 'rule'")
+        routing.append((entry["pattern"], entry["rule"]))
+    return rules, routing
+
+
+_IDENTITY_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+
+def base_model_identity(peft_model: nn.Module) -> dict[str, Any]:
+    """What an adapter bundle records about its base model: where it came from and its shape-defining config."""
+    base = peft_model.get_base_model()
+    config = base.config.to_dict()
+    peft_config = peft_model.peft_config[peft_model.active_adapter]
+    return {
+        "name_or_path": str(peft_config.base_model_name_or_path or config.get("_name_or_path") or ""),
+        "class": type(base).__name__,
+        "config": {k: config.get(k) for k in _IDENTITY_FIELDS if k in config},
+    }
+
+
+def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_class: Any, kwargs: dict) -> nn.Module:
+    from peft import PeftModel
+
+    identity = manifest.get("base_model") or {}
+    if base_model is None or isinstance(base_model, (str, Path)):
+        from .assets import resolve_model
+
+        source = resolve_model(str(base_model)) if base_model is not None else identity.get("name_or_path")
+        if not source:
+            raise ValueError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
+        if model_class is None:
+            import transformers
+
+            model_class = getattr(transformers, identity.get("class", ""), None)
+            if model_class is None:
+                raise CorruptFileError(f"{directory / MANIFEST_NAME}: base model class {identity.get('class')!r} unknown; pass model_class=")
+        try:
+            base_model = model_class.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise MissingFileError(
+                f"{directory}: cannot load the base model {source!r} recorded in the bundle ({err}); pass base_model="
+            ) from None
+    config = base_model.config.to_dict()
+    for key, value in identity.get("config", {}).items():
+        if key == "architectures":  # set only once a model is saved; not part of its shape
+            continue
+        if config.get(key) != value:
+            raise StateMismatchError(
+                f"{directory}: base model differs from the one the adapter was trained on: config {key!r} is "
+                f"{config.get(key)!r}, the bundle records {value!r}"
+            )
+    return PeftModel.from_pretrained(base_model, directory, is_trainable=True)
 
 
 def _load_model(directory: Path, kind: str | None, model: nn.Module | None, model_class: Any, kwargs: dict) -> nn.Module:

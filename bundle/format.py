@@ -21,6 +21,9 @@ import torch
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
+# The model card is documentation that users edit on the Hub; it is never read to load anything, so the
+# manifest leaves it out (an edited card must not make a bundle fail its checksums).
+CARD_NAME = "README.md"
 OPTIMIZER_DIR = "optimizer"
 STATE_TENSORS_NAME = "state.safetensors"
 STATE_JSON_NAME = "state.json"
@@ -142,9 +145,26 @@ def read_json_file(path: Path) -> Any:
 
 
 def save_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes that depend only on ``tensors`` and ``metadata`` (the same input gives the same bytes)."""
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return _canonical_safetensors_header(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _canonical_safetensors_header(data: bytes) -> bytes:
+    """Sort the header's ``__metadata__`` keys: safetensors writes them in hash-map order, which changes from one
+    process to the next, so saving the same rule twice would give different bytes (and sha256s, and Hub commits).
+    The header keeps its length (same JSON, reordered; the padding is unchanged)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__", None)
+    if not metadata or len(metadata) < 2:
+        return data
+    ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # not the compact JSON safetensors writes: leave the file as it is
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
 
 
 def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
@@ -195,7 +215,7 @@ def build_manifest(directory: Path, *, kind: str, extra: dict[str, Any] | None =
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
-        if rel == MANIFEST_NAME:
+        if rel in (MANIFEST_NAME, CARD_NAME):
             continue
         check_relative_path(rel, source=f"{directory}")
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}

@@ -332,14 +332,40 @@ class LearnedRule(nn.Module):
     def from_pretrained(cls, directory: str | Path, **hub_kwargs: Any) -> LearnedRule:
         """Load a rule from a directory holding ``rule_config.json`` + ``rule.safetensors``.
 
-        A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded.
+        A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded. A Hub id
+        ``"namespace/name"`` (a rule-only repo, or a bundle repo whose rule is wanted) is fetched at one commit and
+        verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
+        ``token`` (see `optbundle.hub.load_rule_from_hub`).
         """
         path = Path(directory)
         if not path.exists():
+            from .hub import is_hub_reference, load_rule_from_hub
+
+            if is_hub_reference(directory):
+                return load_rule_from_hub(cls, str(directory), **hub_kwargs)
             raise MissingFileError(f"{path}: no such rule directory")
         if (path / "optimizer" / RULE_CONFIG_NAME).exists():
             path = path / "optimizer"
         return cls.from_directory(path)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        overwrite_card: bool = False,
+    ) -> Any:
+        """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
+        ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
+        from .hub import push_rule
+
+        return push_rule(
+            self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
+            overwrite_card=overwrite_card,
+        )
 
     @classmethod
     def from_directory(cls, path: Path) -> LearnedRule:

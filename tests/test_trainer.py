@@ -6,39 +6,11 @@ ids), classified by a tiny BERT. Real data, a real transformers model, CPU-sized
 
 import pytest
 import torch
-from datasets import Dataset
-from sklearn.datasets import load_digits
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer
 
+from helpers import digits_bert as digits_model
+from helpers import digits_dataset, params_of as final_params, trainer_args
 from optbundle import Bundle, LearnedOptimizer, load_rule
-
-
-def digits_dataset(n=512):
-    digits = load_digits()
-    ids = torch.tensor(digits.data[:n], dtype=torch.long) + 1  # 0 is [PAD]/[CLS]
-    ids = torch.cat([torch.zeros(n, 1, dtype=torch.long), ids], dim=1)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": digits.target[:n].tolist()})
-
-
-def digits_model(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=18, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=72, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
-
-
-def trainer_args(out, max_steps, **kw):
-    kw = {"save_strategy": "no", **kw}
-    return TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=32, logging_steps=10,
-        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **kw,
-    )
-
-
-def final_params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):

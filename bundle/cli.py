@@ -1,0 +1,412 @@
+"""The ``optbundle`` command line: ``push``, ``pull``, ``inspect`` (and more subcommands as they are added).
+
+Each subcommand is one function taking the parsed arguments and returning an exit status, registered with
+`subcommand` together with a function that declares its arguments::
+
+    def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("bundle")
+
+    @subcommand("finetune", help="fine-tune a bundle's model with its learned optimizer", arguments=_finetune_arguments)
+    def finetune(args: argparse.Namespace) -> int:
+        ...
+        return 0
+
+`main` builds one argparse subparser per registered subcommand. A `BundleError` ends the command with its
+message (which names the file or repo and what is wrong) and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .format import (
+    MANIFEST_NAME,
+    OPTIMIZER_DIR,
+    STATE_JSON_NAME,
+    STATE_TENSORS_NAME,
+    BundleError,
+    CorruptFileError,
+    read_json_file,
+    read_manifest,
+    verify_manifest,
+)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: Registered subcommands by name, in registration order (the order ``optbundle --help`` lists them).
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str, *, help: str, arguments: Callable[[argparse.ArgumentParser], None]  # noqa: A002 - argparse's word
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register ``run(args) -> exit status`` as ``optbundle NAME``; ``arguments(parser)`` declares its arguments."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in SUBCOMMANDS:
+            raise ValueError(f"optbundle subcommand {name!r} is registered twice")
+        SUBCOMMANDS[name] = Subcommand(name, help, arguments, run)
+        return run
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="optbundle", description="Ship a model together with the learned optimizer that fine-tunes it."
+    )
+    parser.add_argument("--version", action="version", version=f"optbundle {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for spec in SUBCOMMANDS.values():
+        sub = subparsers.add_parser(spec.name, help=spec.help, description=spec.help)
+        spec.arguments(sub)
+        sub.set_defaults(_run=spec.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``optbundle`` with ``argv`` (default: the process arguments); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except BundleError as err:
+        print(f"optbundle {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+# ---- shared options ----------------------------------------------------------------------------------------------
+
+
+def _hub_download_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", help="branch, tag or commit sha on the Hub (default: main)")
+    parser.add_argument("--cache-dir", type=Path, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument(
+        "--offline", action="store_true", help="use only what is in the cache (like HF_HUB_OFFLINE=1)"
+    )
+    parser.add_argument("--token", help="Hub token (default: the one huggingface_hub finds, e.g. HF_TOKEN)")
+
+
+def _download_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+        "local_files_only": args.offline,
+        "token": args.token,
+    }
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---- push --------------------------------------------------------------------------------------------------------
+
+
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, metavar="DIR", help="a saved bundle, rule repo or rule folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo 'namespace/name' (created if missing)")
+    parser.add_argument("--revision", help="branch to push to (default: main; created if missing)")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    parser.add_argument("--commit-message", help="message of the commit (default: says what is uploaded)")
+    parser.add_argument("--overwrite-card", action="store_true", help="replace a README.md edited on the Hub")
+    parser.add_argument("--token", help="Hub token (default: the one huggingface_hub finds, e.g. HF_TOKEN)")
+
+
+@subcommand("push", help="publish a bundle (or a rule) folder to the Hub as one commit", arguments=_push_arguments)
+def push(args: argparse.Namespace) -> int:
+    from .hub import push_directory, push_rule
+    from .rule import RULE_CONFIG_NAME, LearnedRule
+
+    directory: Path = args.directory
+    options = dict(
+        revision=args.revision,
+        private=args.private,
+        commit_message=args.commit_message,
+        token=args.token,
+        overwrite_card=args.overwrite_card,
+    )
+    if (directory / MANIFEST_NAME).is_file():
+        commit = push_directory(directory, args.repo_id, **options)
+    elif (directory / RULE_CONFIG_NAME).is_file():
+        # a bare rule folder (no manifest yet): publish it as a rule-only repo, with a manifest and a card
+        commit = push_rule(LearnedRule.from_directory(directory), args.repo_id, **options)
+    else:
+        raise BundleError(f"{directory}: has neither {MANIFEST_NAME} (a bundle) nor {RULE_CONFIG_NAME} (a rule)")
+    print(f"pushed {directory} to {args.repo_id}@{commit.oid}")
+    print(f"commit: {commit.commit_url}")
+    return 0
+
+
+# ---- pull --------------------------------------------------------------------------------------------------------
+
+
+def _pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo 'namespace/name'")
+    parser.add_argument("directory", type=Path, metavar="DIR", help="where to write the bundle (missing or empty)")
+    _hub_download_options(parser)
+
+
+@subcommand("pull", help="download a bundle or rule repo at one commit into a folder, verified", arguments=_pull_arguments)
+def pull(args: argparse.Namespace) -> int:
+    from .hub import pull_repo
+
+    snapshot = pull_repo(args.repo_id, args.directory, **_download_kwargs(args))
+    count = len(snapshot.manifest["files"]) + 1
+    print(f"pulled {args.repo_id}@{snapshot.commit} into {args.directory} ({count} files verified)")
+    return 0
+
+
+# ---- inspect -----------------------------------------------------------------------------------------------------
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="DIR_OR_REPO_ID", help="a bundle or rule folder, or a Hub repo id")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--no-verify", action="store_true", help="skip the size/sha256 check of local files")
+    _hub_download_options(parser)
+
+
+def safetensors_parameter_count(path: Path) -> int:
+    """Number of values stored in a safetensors file, read from its JSON header only (no tensor is loaded)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise CorruptFileError(f"{path}: too short for a safetensors header")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > min(size - 8, 100 * 1024 * 1024):
+            raise CorruptFileError(f"{path}: safetensors header length {header_size} does not fit the file")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CorruptFileError(f"{path}: tensor {key!r} has no valid shape in the header")
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
+
+
+def _weight_files(manifest: dict[str, Any]) -> list[str]:
+    """The model (or adapter) weight files of a bundle: safetensors outside ``optimizer/`` (none in a rule repo)."""
+    if manifest.get("kind") == "rule":
+        return []
+    return sorted(n for n in manifest["files"] if n.endswith(".safetensors") and not n.startswith(f"{OPTIMIZER_DIR}/"))
+
+
+def describe(
+    target: str | Path,
+    *,
+    verify: bool = True,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> dict[str, Any]:
+    """What ``optbundle inspect`` reports, as data: source, manifest, files, rule, provenance, model parameter
+    count and optimizer state size. A Hub id fetches only ``bundle.json`` and the optimizer's small files; the
+    model's parameter count then comes from the safetensors headers (HTTP range reads)."""
+    from .hub import download_repo, is_hub_reference, rule_files
+    from .rule import LearnedRule
+
+    info: dict[str, Any] = {}
+    if is_hub_reference(str(target)):
+        state_json = f"{OPTIMIZER_DIR}/{STATE_JSON_NAME}"
+        snapshot = download_repo(
+            str(target),
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            select=lambda m: rule_files(m) + ([state_json] if state_json in m["files"] else []),
+        )
+        directory, manifest = snapshot.directory, snapshot.manifest
+        info["source"] = {"repo_id": snapshot.repo_id, "commit": snapshot.commit, "cache": str(directory)}
+        verify_names = rule_files(manifest) + ([state_json] if state_json in manifest["files"] else [])
+        weights = _remote_parameter_count(snapshot, _weight_files(manifest), token=token, offline=local_files_only)
+    else:
+        directory = Path(target)
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: not a directory, and not a Hub repo id 'namespace/name'")
+        manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
+        info["source"] = {"directory": str(directory)}
+        verify_names = list(manifest["files"]) if manifest else []
+        weights = None
+        if manifest is not None and _weight_files(manifest):
+            names = _weight_files(manifest)
+            weights = {"files": names, "count": sum(safetensors_parameter_count(directory / n) for n in names)}
+    if manifest is not None and verify:
+        verify_manifest(directory, {"files": {n: manifest["files"][n] for n in verify_names}})
+        info["verified"] = len(verify_names)
+
+    if manifest is None:  # a bare rule folder (e.g. a shipped rule): no manifest to report
+        rule_dir = directory
+        info["manifest"] = None
+    else:
+        info["manifest"] = {
+            "format_version": manifest.get("format_version"),
+            "optbundle_version": manifest.get("optbundle_version"),
+            "kind": manifest.get("kind"),
+            "model_class": manifest.get("model_class"),
+            "rule_hash": manifest.get("rule_hash"),
+            "files": manifest["files"],
+        }
+        rule_dir = directory if manifest.get("kind") == "rule" else directory / OPTIMIZER_DIR
+    rule = LearnedRule.from_directory(rule_dir)
+    config = rule.config
+    info["rule"] = {
+        "parameters": rule.num_parameters(),
+        "inputs": config.num_inputs,
+        "hidden_sizes": config.hidden_sizes,
+        "activation": config.activation,
+        "output": config.output,
+        "step_mult": config.step_mult,
+        "features": config.features,
+        "format_version": config.format_version,
+        "content_hash": rule.content_hash(),
+    }
+    info["provenance"] = rule.provenance
+    info["model_parameters"] = weights
+    info["optimizer_state"] = _state_summary(rule_dir, manifest)
+    return info
+
+
+def _remote_parameter_count(snapshot: Any, names: list[str], *, token: Any, offline: bool) -> dict[str, Any] | None:
+    """Parameter count of weight files at the snapshot's commit: from cached copies, else from the Hub's headers."""
+    from huggingface_hub import HfApi, constants
+
+    if not names:
+        return None
+    total = 0
+    for name in names:
+        cached = snapshot.directory / name
+        if cached.is_file():
+            total += safetensors_parameter_count(cached)
+        elif offline or constants.is_offline_mode():
+            return {"files": names, "count": None, "note": "weights not in the cache (offline)"}
+        else:
+            try:
+                metadata = HfApi(token=token).parse_safetensors_file_metadata(snapshot.repo_id, name, revision=snapshot.commit)
+            except Exception as err:  # the count is informative; inspect still reports everything else
+                return {"files": names, "count": None, "note": f"could not read the header of {name} ({err})"}
+            total += sum(metadata.parameter_count.values())
+    return {"files": names, "count": total}
+
+
+def _state_summary(rule_dir: Path, manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    prefix = "" if manifest is None or manifest.get("kind") == "rule" else f"{OPTIMIZER_DIR}/"
+    entry = (manifest or {}).get("files", {}).get(prefix + STATE_TENSORS_NAME)
+    info_path = rule_dir / STATE_JSON_NAME
+    if entry is None and not info_path.is_file():
+        return None
+    summary: dict[str, Any] = {"file": prefix + STATE_TENSORS_NAME, "bytes": entry["size"] if entry else None}
+    if info_path.is_file():
+        state_info = read_json_file(info_path)
+        params = state_info.get("params", {}) if isinstance(state_info, dict) else {}
+        steps = sorted({p.get("step") for p in params.values() if isinstance(p, dict) and isinstance(p.get("step"), int)})
+        summary.update(parameters=len(params), steps=steps, stored_dtype=state_info.get("stored_dtype"))
+    return summary
+
+
+def _print_description(info: dict[str, Any]) -> None:
+    source = info["source"]
+    if "repo_id" in source:
+        print(f"{source['repo_id']} @ {source['commit']}")
+    else:
+        print(source["directory"])
+    manifest = info["manifest"]
+    if manifest is None:
+        print("  no bundle.json: a bare rule folder")
+    else:
+        print(
+            f"  format version {manifest['format_version']} (written by optbundle {manifest['optbundle_version']}), "
+            f"kind {manifest['kind']}" + (f", model class {manifest['model_class']}" if manifest.get("model_class") else "")
+        )
+        files = manifest["files"]
+        total = sum(entry["size"] for entry in files.values())
+        print(f"  manifest: {len(files)} files, {_human_size(total)}" + (
+            f" ({info['verified']} verified: sizes and sha256 match)" if "verified" in info else " (not verified)"
+        ))
+        for name, entry in sorted(files.items()):
+            print(f"    {_human_size(entry['size']):>10}  {entry['sha256'][:12]}  {name}")
+    rule = info["rule"]
+    print("rule:")
+    print(
+        f"  {rule['parameters']} parameters: {rule['inputs']} inputs → {' → '.join(map(str, rule['hidden_sizes']))} → 2 "
+        f"({rule['activation']}), output {rule['output']} (step_mult {rule['step_mult']:g})"
+    )
+    print(f"  features: {', '.join(rule['features'])}")
+    print(f"  rule format version {rule['format_version']}, content hash {rule['content_hash'][:16]}")
+    print("provenance:")
+    if not info["provenance"]:
+        print("  (none recorded)")
+    for key, value in info["provenance"].items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        print(f"  {key}: {text if len(text) <= 200 else text[:199] + '…'}")
+    weights = info["model_parameters"]
+    if weights is None:
+        print("model parameters: (no model weights: a rule-only repo)")
+    elif weights.get("count") is None:
+        print(f"model parameters: unknown ({weights.get('note')})")
+    else:
+        print(f"model parameters: {weights['count']:,} (in {', '.join(weights['files'])})")
+    state = info["optimizer_state"]
+    if state is None:
+        print("optimizer state: none (fine-tuning starts with fresh accumulators)")
+    else:
+        size = _human_size(state["bytes"]) if state.get("bytes") is not None else "size unknown"
+        steps = state.get("steps") or []
+        step_text = f", step {steps[0]}" if len(steps) == 1 else (f", steps {steps[0]}–{steps[-1]}" if steps else "")
+        print(f"optimizer state: {state.get('parameters', '?')} parameters{step_text}, {size} in {state['file']}")
+
+
+@subcommand("inspect", help="show a bundle's manifest, rule, provenance, parameter count and state size", arguments=_inspect_arguments)
+def inspect(args: argparse.Namespace) -> int:
+    info = describe(
+        args.target,
+        verify=not args.no_verify,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        local_files_only=args.offline,
+        token=args.token,
+    )
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    else:
+        _print_description(info)
+    return 0
+
+
+if __name__ == "__main__":  # python -m optbundle.cli
+    sys.exit(main())

@@ -1,0 +1,608 @@
+"""Bundles and rules on the Hugging Face Hub: push as one commit, load at one pinned commit.
+
+Pushing (`push_directory`, used by `Bundle.push_to_hub` and `LearnedRule.push_to_hub`): ``create_repo``
+(``exist_ok``) and then ONE ``create_commit`` holding every file of ``bundle.json``, ``bundle.json`` itself and
+``README.md``, and deleting the files the previous version's manifest listed that this one does not. The commit
+names the head it was prepared against (``parent_commit``), so a push that raced another one is refused
+instead of mixing the two. A README.md edited on the Hub (its generated-card seal is gone, see `card.py`) is
+kept unless ``overwrite_card=True``.
+
+Loading (`download_repo`, used by ``from_pretrained`` and `optbundle.load_rule` for Hub ids): the revision is
+first resolved to one commit sha (``HfApi.model_info``, or the cache's ``refs/`` when offline); then
+``bundle.json`` and exactly the files it lists are fetched with ``hf_hub_download`` at that sha, so a push in
+between can never mix files of two versions. The cached snapshot folder is then loaded by the ordinary
+local-directory path, which verifies every file's size and sha256 against ``bundle.json``; only files the
+manifest lists (safetensors and JSON) are fetched and read. Anything fetched before loads offline
+(``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .format import (
+    CARD_NAME,
+    MANIFEST_NAME,
+    OPTIMIZER_DIR,
+    BundleError,
+    MissingFileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    build_manifest,
+    check_relative_path,
+    commit_directory,
+    read_manifest,
+    staging_directory,
+    verify_manifest,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo
+
+    from .bundle import Bundle
+    from .rule import LearnedRule
+
+logger = logging.getLogger(__name__)
+
+#: ``kind`` in the manifest of an optimizer-only repo (rule_config.json, rule.safetensors, provenance.json).
+RULE_REPO_KIND = "rule"
+DEFAULT_BRANCH = "main"
+
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+# Hub ids as optbundle accepts them: "namespace/name" (un-namespaced legacy ids are never optbundle repos, and
+# treating every bare word as a Hub id would send typos of shipped rule names to the network).
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class HubError(BundleError):
+    """A Hub request failed: the repo could not be created, a commit was refused or interrupted, the Hub answered
+    with an error or could not be reached."""
+
+
+# ---- Hub ids vs. local paths ------------------------------------------------------------------------------
+
+
+def is_hub_reference(name: Any) -> bool:
+    """True for a string that is not an existing local path and reads as a Hub repo id ``namespace/name``."""
+    if not isinstance(name, str) or Path(name).exists() or not _REPO_ID.fullmatch(name):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(f"repo_id {repo_id!r}: expected a Hub repo id 'namespace/name'")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "no answer from the Hub" (not an HTTP error status) for this huggingface_hub."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        transport_error = getattr(module, "TransportError", None)
+        if isinstance(transport_error, type):
+            errors.append(transport_error)
+    return tuple(errors)
+
+
+def _endpoint_name(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return endpoint or constants.ENDPOINT
+
+
+# ---- the cache -------------------------------------------------------------------------------------------------
+
+
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import constants
+
+    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+
+
+def _ref_path(cache_dir: Path, repo_id: str, ref: str) -> Path | None:
+    from huggingface_hub.file_download import repo_folder_name
+
+    if not ref or ref.startswith("/") or any(part in ("", ".", "..") for part in ref.split("/")):
+        return None
+    return cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / ref
+
+
+def cached_commit(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | None = None) -> str | None:
+    """The commit sha the local cache records for ``revision`` (a branch or tag) of ``repo_id``, if any."""
+    path = _ref_path(_cache_dir(cache_dir), repo_id, revision or DEFAULT_BRANCH)
+    try:
+        sha = path.read_text().strip() if path is not None else ""
+    except OSError:
+        return None
+    return sha if _COMMIT_SHA.fullmatch(sha) else None
+
+
+def _remember_ref(cache_dir: Path, repo_id: str, ref: str, sha: str) -> None:
+    """Record ``ref → sha`` in the cache (the layout huggingface_hub reads), so the revision resolves offline.
+
+    Files are fetched by sha, which makes huggingface_hub skip writing the ref itself.
+    """
+    path = _ref_path(cache_dir, repo_id, ref)
+    if path is None:
+        return
+    try:
+        if not path.is_file() or path.read_text().strip() != sha:
+            atomic_write_bytes(path, sha.encode())
+    except OSError as err:  # a read-only cache still loads; it just cannot resolve this ref offline later
+        logger.warning("could not record %s@%s → %s in the cache (%s)", repo_id, ref, sha[:12], err)
+
+
+# ---- resolving and fetching ----------------------------------------------------------------------------------------
+
+
+def resolve_commit(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """The 40-hex commit sha ``revision`` (default ``main``) of ``repo_id`` points at now.
+
+    A sha is returned as is. Online, the Hub answers (``GET /api/models/{repo}/revision/{rev}``); offline, or when
+    the Hub cannot be reached, the cache's record of the last resolution is used.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if revision is not None and _COMMIT_SHA.fullmatch(revision):
+        return revision
+    ref = revision or DEFAULT_BRANCH
+    offline = local_files_only or constants.is_offline_mode()
+    reason = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)"
+    if not offline:
+        try:
+            sha = HfApi(endpoint=endpoint).model_info(repo_id, revision=ref, token=token).sha
+        except RepositoryNotFoundError:
+            raise MissingFileError(
+                f"{repo_id}: no such local directory, and no such repo on the Hub ({_endpoint_name(endpoint)}); "
+                "for a private repo pass token="
+            ) from None
+        except RevisionNotFoundError:
+            raise MissingFileError(f"{repo_id}: the Hub repo has no revision {ref!r}") from None
+        except HfHubHTTPError as err:
+            raise HubError(f"{repo_id}: could not resolve revision {ref!r} on the Hub ({_first_line(err)})") from err
+        except _network_errors() as err:
+            reason = f"the Hub could not be reached ({_first_line(err)})"
+            logger.warning("%s: %s; using the cached %r", repo_id, reason, ref)
+        else:
+            if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):
+                raise HubError(f"{repo_id}: the Hub did not say which commit {ref!r} is (got sha {sha!r})")
+            return sha
+    sha = cached_commit(repo_id, ref, cache_dir=cache_dir)
+    if sha is None:
+        raise MissingFileError(
+            f"{repo_id}: revision {ref!r} was never fetched into the cache ({_cache_dir(cache_dir)}), and {reason}"
+        )
+    return sha
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """Files of one commit of a Hub repo, fetched into the cache's snapshot folder of that commit."""
+
+    repo_id: str
+    commit: str
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{self.repo_id}@{self.commit[:12]}"
+
+
+def download_repo(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    select: Callable[[dict[str, Any]], list[str]] | None = None,
+    include_card: bool = False,
+) -> HubSnapshot:
+    """Resolve ``revision`` to one commit, then fetch ``bundle.json`` and the files it lists at that commit.
+
+    ``select(manifest)`` narrows the files to fetch (default: all the manifest lists). Files are not verified
+    here; the caller verifies the ones it loads. ``include_card`` also fetches README.md when the repo has one.
+    """
+    from huggingface_hub import constants
+
+    _check_repo_id(repo_id)
+    cache = _cache_dir(cache_dir)
+    offline = local_files_only or constants.is_offline_mode()
+    commit = resolve_commit(
+        repo_id, revision, cache_dir=cache, local_files_only=offline, token=token, endpoint=endpoint
+    )
+    where = f"{repo_id}@{commit[:12]}"
+
+    def fetch(name: str) -> Path:
+        return _fetch_file(repo_id, name, commit, cache=cache, offline=offline, token=token, endpoint=endpoint)
+
+    try:
+        manifest_path = fetch(MANIFEST_NAME)
+    except MissingFileError as err:
+        raise MissingFileError(f"{err}; an optbundle repo always has one (was this repo pushed by optbundle?)") from None
+    directory = manifest_path.parent
+    manifest = read_manifest(directory)
+    names = select(manifest) if select is not None else list(manifest["files"])
+    for name in manifest["files"]:  # every path, before any path from the Hub touches the disk
+        check_relative_path(name, source=f"{where}/{MANIFEST_NAME}")
+    for name in names:
+        fetch(name)
+    if include_card:
+        with contextlib.suppress(MissingFileError):
+            fetch(CARD_NAME)
+    if not offline and not (revision is not None and _COMMIT_SHA.fullmatch(revision)):
+        _remember_ref(cache, repo_id, revision or DEFAULT_BRANCH, commit)
+    return HubSnapshot(repo_id=repo_id, commit=commit, directory=directory, manifest=manifest)
+
+
+def _fetch_file(
+    repo_id: str, name: str, commit: str, *, cache: Path, offline: bool, token: str | bool | None, endpoint: str | None
+) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    where = f"{repo_id}@{commit[:12]}"
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                name,
+                revision=commit,
+                cache_dir=cache,
+                local_files_only=offline,
+                token=token,
+                endpoint=endpoint,
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise MissingFileError(
+            f"{where}: {name} is not in the local cache ({cache}) and the Hub is not used or not reachable"
+        ) from None
+    except EntryNotFoundError:
+        raise MissingFileError(f"{where}: the repo has no file {name}") from None
+    except HfHubHTTPError as err:
+        raise HubError(f"{where}: downloading {name} failed ({_first_line(err)})") from err
+    except _network_errors() as err:
+        raise HubError(f"{where}: downloading {name} failed, the Hub could not be reached ({_first_line(err)})") from err
+
+
+@contextlib.contextmanager
+def _located(snapshot: HubSnapshot) -> Iterator[None]:
+    """Prefix bundle errors raised while loading a snapshot with ``repo@sha`` (same exception type)."""
+    try:
+        yield
+    except BundleError as err:
+        try:
+            located = type(err)(f"{snapshot.where}: {err}")
+        except Exception:  # an error type with another constructor: keep it as it is
+            raise err from None
+        raise located from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def load_bundle_from_hub(
+    bundle_cls: type[Bundle],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    **load_kwargs: Any,
+) -> Bundle:
+    """`Bundle.from_pretrained` for a Hub id: fetch every file at one commit, then load the verified snapshot."""
+    snapshot = download_repo(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        endpoint=endpoint,
+    )
+    if snapshot.manifest.get("kind") == RULE_REPO_KIND:
+        raise BundleError(
+            f"{snapshot.where}: is a rule-only repo (no model); load it with LearnedRule.from_pretrained or "
+            "optbundle.load_rule"
+        )
+    with _located(snapshot):
+        return bundle_cls.from_pretrained(snapshot.directory, **load_kwargs)
+
+
+def rule_files(manifest: dict[str, Any]) -> list[str]:
+    """The manifest paths of a repo's rule: at the root of a rule-only repo, under ``optimizer/`` in a bundle."""
+    from .rule import PROVENANCE_NAME, RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
+
+    prefix = "" if manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
+    names = [prefix + name for name in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME, PROVENANCE_NAME)]
+    return [name for name in names if name in manifest["files"]]
+
+
+def load_rule_from_hub(
+    rule_cls: type[LearnedRule],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> LearnedRule:
+    """`LearnedRule.from_pretrained` for a Hub id: a rule-only repo, or the rule of a bundle repo (only the
+    rule's files are fetched, not the model weights). The fetched files are verified against ``bundle.json``."""
+    from .rule import RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
+
+    snapshot = download_repo(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        endpoint=endpoint,
+        select=rule_files,
+    )
+    names = rule_files(snapshot.manifest)
+    prefix = "" if snapshot.manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
+    for required in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME):
+        if prefix + required not in names:
+            raise MissingFileError(f"{snapshot.where}: {MANIFEST_NAME} lists no {prefix}{required}; the repo holds no rule")
+    with _located(snapshot):
+        verify_manifest(snapshot.directory, {"files": {name: snapshot.manifest["files"][name] for name in names}})
+        return rule_cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
+
+
+def pull_repo(
+    repo_id: str,
+    directory: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> HubSnapshot:
+    """Copy one commit of a bundle or rule repo into ``directory`` (plain files), verified, written atomically.
+
+    ``directory`` must be missing, empty, or an earlier bundle (it is replaced as a whole).
+    """
+    target = Path(directory)
+    if target.exists():
+        if not target.is_dir():
+            raise BundleError(f"{target}: exists and is not a directory")
+        if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
+            raise BundleError(f"{target}: is neither empty nor a bundle; refusing to replace its contents")
+    snapshot = download_repo(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        endpoint=endpoint,
+        include_card=True,
+    )
+    staging = staging_directory(target)
+    try:
+        names = [*snapshot.manifest["files"], MANIFEST_NAME, CARD_NAME]
+        for name in names:
+            source = snapshot.directory / name
+            if name == CARD_NAME and not source.is_file():
+                continue
+            destination = staging / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)  # follows the cache's symlinks: plain files in the copy
+        with _located(snapshot):
+            verify_manifest(staging, snapshot.manifest)
+        commit_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return snapshot
+
+
+# ---- pushing -------------------------------------------------------------------------------------------------------
+
+
+def save_rule_repo(rule: LearnedRule, directory: str | Path) -> Path:
+    """Write an optimizer-only repo folder: the rule's files, a README.md card and a ``bundle.json`` manifest
+    (kind ``"rule"``), atomically."""
+    from .card import rule_card
+
+    target = Path(directory)
+    staging = staging_directory(target)
+    try:
+        rule.save_pretrained(staging)
+        (staging / CARD_NAME).write_text(rule_card(rule), encoding="utf-8")
+        manifest = build_manifest(staging, kind=RULE_REPO_KIND, extra={"rule_hash": rule.content_hash()})
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+        commit_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def _hub_call(what: str) -> Iterator[None]:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as err:
+        raise HubError(f"{what} failed ({_first_line(err)})") from err
+    except _network_errors() as err:
+        raise HubError(f"{what} failed, the Hub could not be reached ({_first_line(err)})") from err
+
+
+def _read_remote_text(api: Any, repo_id: str, name: str, commit: str, cache: Path) -> str | None:
+    with _hub_call(f"{repo_id}: reading {name} at {commit[:12]}"):
+        path = api.hf_hub_download(repo_id, name, revision=commit, cache_dir=cache)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def push_directory(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    overwrite_card: bool = False,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Push a saved bundle or rule-repo folder to ``repo_id`` as one commit; returns the `CommitInfo`
+    (``.oid`` is the new commit's sha, ``.commit_url`` its page).
+
+    The folder is verified against its ``bundle.json`` first; only the files the manifest lists, ``bundle.json``
+    and ``README.md`` are uploaded. ``revision`` names the branch (created from ``main`` if missing).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from .card import card_for_repo, is_generated_card
+
+    directory = Path(directory)
+    _check_repo_id(repo_id)
+    branch = revision or DEFAULT_BRANCH
+    if _COMMIT_SHA.fullmatch(branch):
+        raise ValueError(f"revision={branch!r}: a push goes to a branch; a commit sha cannot be pushed to")
+    manifest = read_manifest(directory)
+    verify_manifest(directory, manifest)  # never publish a damaged or altered bundle
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_call(f"{repo_id}: creating the repo"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != DEFAULT_BRANCH:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+    with _hub_call(f"{repo_id}: reading branch {branch!r}"):
+        info = api.model_info(repo_id, revision=branch)
+    head = info.sha
+    remote_files = {sibling.rfilename for sibling in info.siblings or []}
+
+    local_card_path = directory / CARD_NAME
+    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
+        scratch_cache = Path(scratch)
+        remote_manifest_text = (
+            _read_remote_text(api, repo_id, MANIFEST_NAME, head, scratch_cache) if MANIFEST_NAME in remote_files else None
+        )
+        remote_card = (
+            _read_remote_text(api, repo_id, CARD_NAME, head, scratch_cache)
+            if CARD_NAME in remote_files and local_card_path.is_file()
+            else None
+        )
+
+    card_bytes = None
+    if local_card_path.is_file():
+        card = card_for_repo(local_card_path.read_text(encoding="utf-8"), repo_id)
+        if remote_card is not None and remote_card != card and not overwrite_card and not is_generated_card(remote_card):
+            logger.warning(
+                "%s: README.md on the Hub was edited (its generated-card seal is missing or does not match); keeping "
+                "it. Pass overwrite_card=True to replace it with the generated card.",
+                repo_id,
+            )
+        else:
+            card_bytes = card.encode("utf-8")
+
+    previous_files: set[str] = set()
+    if remote_manifest_text is not None:
+        try:
+            previous_files = set(json.loads(remote_manifest_text).get("files") or {})
+        except (json.JSONDecodeError, AttributeError):
+            logger.warning("%s: the Hub's %s is not a valid manifest; no stale files will be removed", repo_id, MANIFEST_NAME)
+    new_files = set(manifest["files"])
+    stale = sorted((previous_files - new_files - {MANIFEST_NAME, CARD_NAME}) & remote_files)
+
+    operations: list[Any] = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name))
+        for name in [*sorted(new_files), MANIFEST_NAME]
+    ]
+    if card_bytes is not None:
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes))
+    operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+
+    if commit_message is None:
+        rule_hash = manifest.get("rule_hash")
+        commit_message = f"Upload optbundle {manifest.get('kind', 'bundle')}" + (f" (rule {rule_hash[:12]})" if rule_hash else "")
+    try:
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=branch,
+            parent_commit=head,
+        )
+    except Exception as err:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if not isinstance(err, (HfHubHTTPError, *_network_errors())):
+            raise
+        raise HubError(f"{repo_id}: the commit to {branch!r} failed ({_first_line(err)}); {_head_report(api, repo_id, branch, head)}") from err
+    logger.info("pushed %s to %s@%s (%s)", directory, repo_id, commit.oid[:12], branch)
+    return commit
+
+
+def _head_report(api: Any, repo_id: str, branch: str, head: str) -> str:
+    """Say whether the branch still points where it did before the failed commit."""
+    try:
+        now = api.model_info(repo_id, revision=branch).sha
+    except Exception:  # the Hub is unreachable: we cannot tell
+        return f"the branch was at {head[:12]} before; its state now is unknown"
+    if now == head:
+        return f"the repo is unchanged (branch still at {head[:12]})"
+    return f"the branch moved from {head[:12]} to {now[:12]} (another push?)"
+
+
+def push_bundle(bundle: Bundle, repo_id: str, *, save_state: bool = True, **push_kwargs: Any) -> CommitInfo:
+    """Save ``bundle`` to a temporary folder and push it as one commit (see `push_directory`)."""
+    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
+        folder = bundle.save_pretrained(Path(scratch) / "bundle", save_state=save_state)
+        return push_directory(folder, repo_id, **push_kwargs)
+
+
+def push_rule(rule: LearnedRule, repo_id: str, **push_kwargs: Any) -> CommitInfo:
+    """Push ``rule`` alone as an optimizer-only repo (rule files, card, manifest) in one commit."""
+    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
+        folder = save_rule_repo(rule, Path(scratch) / "rule")
+        return push_directory(folder, repo_id, **push_kwargs)

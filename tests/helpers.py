@@ -1,0 +1,40 @@
+"""Shared test fixtures: real (scikit-learn digits) data as token sequences and tiny transformers models."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from sklearn.datasets import load_digits
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+
+def digits_dataset(n: int = 512, offset: int = 0) -> Dataset:
+    """Each 8×8 digit as 65 tokens: [CLS]=0 then the 64 pixel intensities + 1 (0..16 → 1..17)."""
+    digits = load_digits()
+    rows = digits.data[offset : offset + n]
+    ids = [[0] + [int(v) + 1 for v in row] for row in rows]
+    return Dataset.from_dict({"input_ids": ids, "labels": digits.target[offset : offset + n].tolist()})
+
+
+def digits_bert(seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=18, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+        max_position_embeddings=72, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def trainer_args(out, max_steps: int, **kw) -> TrainingArguments:
+    kw = {"save_strategy": "no", "per_device_train_batch_size": 32, "logging_steps": 10, **kw}
+    return TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **kw
+    )
+
+
+def logged_losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
