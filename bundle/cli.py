@@ -410,3 +410,35 @@ def inspect(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # python -m optbundle.cli
     sys.exit(main())
+
+
+# ---- finetune ----------------------------------------------------------------------------------------------------
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a YAML recipe (path, or the name of one shipped in optbundle.recipes)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe entry (YAML value), e.g. --set max_steps=10 --set seeds=[0,1]")
+
+
+@subcommand("finetune", help="run a fine-tuning recipe with the learned rule and with AdamW; print the results table",
+            arguments=_finetune_arguments)
+def finetune(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"optbundle finetune: --set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    recipe = load_recipe(args.recipe, overrides)
+    run_recipe(recipe)
+    results = Path(recipe.optim.results_dir)
+    print((results / "results.md").read_text())
+    print(f"loss curves: {results / 'loss_curves.png'}")
+    if recipe.optim.bundle_output:
+        print(f"bundle (best learned run): {recipe.optim.bundle_output}")
+    return 0

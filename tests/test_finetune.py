@@ -1,0 +1,53 @@
+"""`optbundle finetune RECIPE.yaml`: a real pretrained model (MiniLM) on real data (SMS spam), offline."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from optbundle import Bundle
+from optbundle.cli import main
+from optbundle.finetune import load_recipe
+
+
+def test_minilm_recipe_runs_offline_and_writes_table_plot_and_bundle(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    status = main([
+        "finetune", "recipes/minilm-sms-spam.yaml",
+        "--set", "max_steps=4", "--set", "train_size=64", "--set", "eval_size=32", "--set", "logging_steps=1",
+        "--set", "rule_lrs=[0.1]", "--set", "adamw_lrs=[0.00005,0.0002]",
+        "--set", f"results_dir={out}", "--set", f"bundle_output={out / 'bundle'}",
+        "--set", f"output_dir={out / 'trainer'}",
+    ])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| learned (lr multiplier) | 0.1 |" in printed and "| AdamW (HF default) | 5e-05 |" in printed
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["optimizer"], r["lr"]) for r in rows} == {("learned", 0.1), ("adamw", 5e-05), ("adamw", 0.0002)}
+    for r in rows:
+        assert r["steps"] == 4 and 0 < r["eval_loss"] < 5 and 0 <= r["eval_accuracy"] <= 1
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    # the learned run's bundle: a valid model folder with the optimizer state of 4 steps
+    bundle = Bundle.from_pretrained(out / "bundle")
+    opt, _ = bundle.optimizer()
+    assert int(opt.state[bundle.model.classifier.weight]["step"]) == 4
+    assert bundle.tokenizer is not None
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "bundle")
+    assert torch.equal(plain.classifier.weight, bundle.model.classifier.weight)
+
+
+def test_recipe_with_unknown_key_names_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: minilm\ndataset: sms-spam\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        load_recipe(bad)
+
+
+def test_recipe_rejects_a_dataset_that_does_not_fit_the_task(tmp_path):
+    from optbundle.finetune import build_datasets, load_tokenizer
+
+    recipe = load_recipe("recipes/minilm-sms-spam.yaml", {"dataset": "shakespeare"})
+    with pytest.raises(ValueError, match="shakespeare"):
+        build_datasets(recipe.data, recipe.model, load_tokenizer(recipe.model))
