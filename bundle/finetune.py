@@ -281,8 +281,10 @@ def results_table(recipe: Recipe, rows: list[dict[str, Any]], rule) -> str:
         f"Recipe `{recipe.name}`: model `{recipe.model.model}` ({'LoRA r=' + str(recipe.model.lora_r) if recipe.model.lora_r else 'full fine-tuning'}), "
         f"data `{recipe.data.dataset}` ({recipe.data.train_size} train / {recipe.data.eval_size} eval), "
         f"{rows[0]['steps'] if rows else 0} steps, batch {recipe.training.per_device_train_batch_size}, "
-        f"seeds {recipe.optim.seeds}. Learned rule: `{recipe.optim.rule}` "
-        f"({rule.provenance.get('method', 'unknown method')}; meta_trained={rule.provenance.get('meta_trained')}).",
+        f"seeds {recipe.optim.seeds}. Learned rule: `{recipe.optim.rule}` (hash {rule.content_hash()[:12]}, "
+        f"{rule.provenance.get('method', 'unknown method')}, meta_trained={rule.provenance.get('meta_trained')}); "
+        "the learned rule runs with a constant lr multiplier, AdamW with the recipe's schedule "
+        f"(`{recipe.training.lr_scheduler_type.value if hasattr(recipe.training.lr_scheduler_type, 'value') else recipe.training.lr_scheduler_type}`).",
         "",
         "| optimizer | lr | final train loss | eval loss | eval accuracy | wall s/run |",
         "|---|---|---|---|---|---|",

@@ -1,0 +1,181 @@
+"""Meta-gradient estimators over vectorized truncated unrolls, and the meta-loss they differentiate.
+
+Meta-loss of one copy over a truncation of ``K`` inner steps (losses ``L_t`` at the parameters the step
+starts from, ``L_0`` the instance's loss at initialization on its first batch):
+
+    ℓ = mean_t  transform(clip(L_t / L_0, floor, clip_max)),   non-finite L_t ↦ clip_max,
+
+with ``transform`` = log (default: scale-free, rewards relative progress at every stage of training) or
+identity. Per-task normalization by ``L_0`` makes task families with different loss scales comparable.
+
+Estimators (``θ`` = flat φ, ``ε ~ N(0, σ² I)`` masked to the trainable part, ``n`` instances):
+
+- antithetic PES (`pes_gradient`): every truncation draws ``ε_i``; the + copy runs ``θ + ε_i``, the − copy
+  ``θ − ε_i``; ``ξ_i ← ξ_i + ε_i`` sums the perturbations since the episode began (persistence removes the
+  truncation bias); ``ĝ = mean_i ξ_i (ℓ⁺_i − ℓ⁻_i) / (2σ²)``.
+- full-episode ES (`es_gradient`): one ``ε_i`` for a whole fresh episode; ``ĝ = mean_i ε_i (ℓ⁺_i − ℓ⁻_i) / (2σ²)``.
+- truncated backprop (`tbptt_gradient`): autograd of ``mean_i ℓ_i`` through the truncation with the inner
+  gradients detached (first-order, no Hessian terms, Andrychowicz et al. 2016); biased toward short horizons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..rule import RuleConfig
+from . import unroll as U
+
+
+@dataclass
+class MetaLossConfig:
+    clip_max: float = 1.5
+    floor: float = 1e-4
+    transform: str = "log"  # "log" or "linear"
+
+
+def normalized_meta_loss(losses: torch.Tensor, initial_loss: torch.Tensor, cfg: MetaLossConfig) -> torch.Tensor:
+    """``transform(clip(L / L_0))`` element-wise with non-finite values mapped to the clip maximum."""
+    ratio = losses / initial_loss.clamp_min(1e-12)
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, cfg.clip_max))
+    ratio = ratio.clamp(cfg.floor, cfg.clip_max)
+    return torch.log(ratio) if cfg.transform == "log" else ratio
+
+
+def _unroll_truncation(
+    config: RuleConfig,
+    group: U.TaskGroup,
+    weights: U.Weights,
+    steps: int,
+    loss_cfg: MetaLossConfig,
+    differentiable: bool = False,
+) -> torch.Tensor:
+    """Advance ``group`` by ``steps`` inner steps with ``weights``; returns the per-copy meta-loss ``(C,)``."""
+    total = 0.0
+    for _ in range(steps):
+        batch = group.sample_batch()
+        losses, group.params, group.accumulators = U.inner_step(
+            config, weights, group.task, group.params, group.accumulators, batch, group.scales or None, differentiable
+        )
+        if group.initial_loss is None:
+            group.initial_loss = losses[: group.instances].detach().clone()
+        total = total + normalized_meta_loss(losses, group.repeat(group.initial_loss), loss_cfg)
+        group.episode_step += 1
+    return total / max(steps, 1)
+
+
+@dataclass
+class EstimateInfo:
+    meta_loss: float  # mean over copies of the truncation meta-loss
+    steps: int  # inner steps taken by each copy
+    copies: int
+    episode_done: bool
+
+
+def pes_gradient(
+    config: RuleConfig,
+    theta: torch.Tensor,
+    group: U.TaskGroup,
+    sigma: float,
+    truncation: int,
+    mask: torch.Tensor,
+    loss_cfg: MetaLossConfig,
+) -> tuple[torch.Tensor, EstimateInfo]:
+    """Antithetic PES estimate of ``∂ℓ/∂θ`` from one truncation of ``group`` (which must have 2 copies/instance)."""
+    if group.copies_per_instance != 2:
+        raise ValueError("antithetic PES needs copies_per_instance == 2")
+    n = group.instances
+    epsilon = torch.randn(n, theta.numel(), generator=group.generator) * sigma * mask
+    group.perturbation_sum = group.perturbation_sum + epsilon
+    weights = U.unflatten_weights(config, theta + torch.cat([epsilon, -epsilon]))
+    steps = min(truncation, group.episode_length - group.episode_step)
+    meta_loss = _unroll_truncation(config, group, weights, steps, loss_cfg)
+    difference = meta_loss[:n] - meta_loss[n:]
+    gradient = (group.perturbation_sum * difference.unsqueeze(1)).mean(0) / (2 * sigma**2)
+    done = group.episode_step >= group.episode_length or group.has_diverged()
+    return gradient, EstimateInfo(float(meta_loss.mean()), steps, group.copies, done)
+
+
+def es_gradient(
+    config: RuleConfig,
+    theta: torch.Tensor,
+    group: U.TaskGroup,
+    sigma: float,
+    mask: torch.Tensor,
+    loss_cfg: MetaLossConfig,
+    reset: Callable[[], None],
+) -> tuple[torch.Tensor, EstimateInfo]:
+    """Antithetic full-episode ES: ``reset()`` starts a fresh episode, which is unrolled to its end."""
+    if group.copies_per_instance != 2:
+        raise ValueError("antithetic ES needs copies_per_instance == 2")
+    reset()
+    n = group.instances
+    epsilon = torch.randn(n, theta.numel(), generator=group.generator) * sigma * mask
+    weights = U.unflatten_weights(config, theta + torch.cat([epsilon, -epsilon]))
+    steps = group.episode_length
+    meta_loss = _unroll_truncation(config, group, weights, steps, loss_cfg)
+    difference = meta_loss[:n] - meta_loss[n:]
+    gradient = (epsilon * difference.unsqueeze(1)).mean(0) / (2 * sigma**2)
+    return gradient, EstimateInfo(float(meta_loss.mean()), steps, group.copies, True)
+
+
+def tbptt_gradient(
+    config: RuleConfig,
+    theta: torch.Tensor,
+    group: U.TaskGroup,
+    truncation: int,
+    mask: torch.Tensor,
+    loss_cfg: MetaLossConfig,
+) -> tuple[torch.Tensor, EstimateInfo]:
+    """First-order truncated backprop: gradient of the mean meta-loss of one truncation w.r.t. ``θ``."""
+    leaf = theta.detach().clone().requires_grad_()
+    weights = U.unflatten_weights(config, leaf)
+    steps = min(truncation, group.episode_length - group.episode_step)
+    meta_loss = _unroll_truncation(config, group, weights, steps, loss_cfg, differentiable=True)
+    objective = meta_loss.mean()
+    if objective.requires_grad:
+        (gradient,) = torch.autograd.grad(objective, leaf, allow_unused=True)
+        gradient = torch.zeros_like(leaf) if gradient is None else gradient
+    else:
+        gradient = torch.zeros_like(leaf)
+    group.params = {k: v.detach() for k, v in group.params.items()}
+    done = group.episode_step >= group.episode_length or group.has_diverged()
+    return gradient.detach() * mask, EstimateInfo(float(objective.detach()), steps, group.copies, done)
+
+
+def sanitize_meta_gradient(gradient: torch.Tensor, clip: float) -> torch.Tensor:
+    """NaN → 0, then element-wise clipping to ``[-clip, clip]`` (±inf become ±clip)."""
+    gradient = torch.nan_to_num(gradient, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return gradient.clamp(-clip, clip)
+
+
+@dataclass
+class AdamWState:
+    """Explicit outer-optimizer state (so checkpoints are plain tensors + ints)."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int = 0
+
+
+def adamw_update(
+    theta: torch.Tensor,
+    gradient: torch.Tensor,
+    state: AdamWState,
+    lr: float,
+    mask: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.Tensor:
+    """One AdamW step ``θ ← θ − lr (m̂/(√v̂+eps) + wd·θ)`` applied only where ``mask`` is 1."""
+    state.step += 1
+    state.exp_avg.mul_(betas[0]).add_(gradient, alpha=1 - betas[0])
+    state.exp_avg_sq.mul_(betas[1]).addcmul_(gradient, gradient, value=1 - betas[1])
+    m_hat = state.exp_avg / (1 - betas[0] ** state.step)
+    v_hat = state.exp_avg_sq / (1 - betas[1] ** state.step)
+    update = m_hat / (v_hat.sqrt() + eps) + weight_decay * theta
+    return theta - lr * update * mask
