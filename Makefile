@@ -31,3 +31,27 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs
+
+# ---- longer jobs (each one command; results land in benchmarks/results/) ----
+.PHONY: meta-train-default bench-heldout bench-heldout-quick bench-throughput bench-step-speed bench-overhead recipe-smollm2
+
+meta-train-default: $(STAMP)   # ≈20 min on 2 cores; resumes from runs/meta-train-default/checkpoints after a kill
+	$(PY) -m optbundle.meta.train meta-train-default --ship default-v1
+
+bench-heldout: $(STAMP)
+	$(PY) benchmarks/heldout.py
+
+bench-heldout-quick: $(STAMP)
+	$(PY) benchmarks/heldout.py --quick
+
+bench-throughput: $(STAMP)
+	$(PY) benchmarks/meta_throughput.py
+
+bench-step-speed: $(STAMP)
+	$(PY) benchmarks/step_speed.py --device cpu
+
+bench-overhead: $(STAMP)
+	$(PY) benchmarks/trainer_overhead.py
+
+recipe-smollm2: $(STAMP)
+	$(VENV)/bin/optbundle finetune recipes/smollm2-lora-shakespeare.yaml

@@ -1,6 +1,7 @@
 """DDP on CPU: two gloo processes under torchrun run Trainer with the bundle's learned optimizer."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,18 @@ from safetensors.torch import load_file
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_trainer.py"
 
 
-def run(cmd, tmp_path):
+def run(cmd, tmp_path, timeout=600):
+    """Run ``cmd`` in its own process group so that a hang kills the workers too, not only torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{cmd} timed out after {timeout}s\n{stdout[-2000:]}{stderr[-2000:]}") from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
 
 def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(tmp_path):
