@@ -1,18 +1,32 @@
 """`LearnedOptimizer`: a real `torch.optim.Optimizer` that applies a `LearnedRule` to parameters.
 
-One state layout for every back end (this torch path, the Triton kernels): per parameter, fp32
-accumulators as described in `features.py`, an int64 ``step`` and an int64 ``skipped_steps`` counter.
-State is created lazily at the first step, so FSDP-style parameter swapping after construction is fine.
+One state layout for every back end: per parameter, fp32 accumulators as described in `features.py`, an
+int64 ``step`` and an int64 ``skipped_steps`` counter. State is created lazily at the first step, so
+FSDP-style parameter swapping after construction is fine.
+
+Back ends, chosen per parameter group and device at every step (`select_backend`):
+
+- ``triton``: the fused kernels of `optbundle.kernels.learned_step`, one launch per pass for all tensors of
+  the group; the default for CUDA tensors when Triton is importable. On CPU tensors only in Triton's
+  interpreter mode (``TRITON_INTERPRET=1`` set before the kernels are imported), which is for tests.
+- ``torch``: `fast_step.learned_step_`, the chunked in-place torch path; the default everywhere else.
+- ``reference``: `features.learned_update` per tensor, the plain math (slow; for debugging and checks).
+
+``OPTBUNDLE_BACKEND=torch|triton|reference`` overrides the choice. A rule or tensor a back end cannot
+handle falls back (triton → torch → reference) with the reason logged once. All three read and write the
+same state, so a checkpoint written by one resumes on another.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from . import fast_step
 from . import features as F
 from .format import StateMismatchError
 from .rule import LearnedRule
@@ -20,6 +34,46 @@ from .rule import LearnedRule
 logger = logging.getLogger(__name__)
 
 DEFAULT_RULE_NAME = "default"
+BACKENDS = ("triton", "torch", "reference")
+BACKEND_ENV = "OPTBUNDLE_BACKEND"
+MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str, *args: Any) -> None:
+    text = message % args
+    if text not in _LOGGED:
+        _LOGGED.add(text)
+        logger.info(text)
+
+
+def _triton_kernels():
+    """The fused kernels module, or ``None`` (with the reason logged once) when Triton cannot be used."""
+    try:
+        from optbundle.kernels import learned_step
+    except Exception as err:  # ImportError, or Triton failing to initialize
+        _log_once("Triton kernels unavailable (%s); using the torch path", err)
+        return None
+    return learned_step
+
+
+def select_backend(device: torch.device) -> str:
+    """The back end for tensors on ``device``: ``$OPTBUNDLE_BACKEND`` if set, else ``triton`` on CUDA with
+    Triton importable, else ``torch``."""
+    requested = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if requested:
+        if requested not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={requested!r}; expected one of {', '.join(BACKENDS)}")
+        if requested == "triton" and device.type != "cuda":
+            kernels = _triton_kernels()
+            if kernels is None or not kernels.interpreter_active():
+                _log_once("%s=triton on %s tensors needs Triton's interpreter (TRITON_INTERPRET=1 before import); "
+                          "using the torch path", BACKEND_ENV, device.type)
+                return "torch"
+        return requested
+    if device.type == "cuda" and _triton_kernels() is not None:
+        return "triton"
+    return "torch"
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -56,6 +110,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
         self.rules: dict[str, LearnedRule] = {name: r.requires_grad_(False) for name, r in rules.items()}
+        self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
         super().__init__(params, dict(lr=float(lr), weight_decay=float(weight_decay), rule=default_rule))
         for group in self.param_groups:
             if group["rule"] not in self.rules:
@@ -71,33 +126,91 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             rule = self.rules[group["rule"]]
-            weights = [(w.detach(), b.detach()) for w, b in rule.weights]
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                self._step_param(param, rule, weights, group["lr"], group["weight_decay"])
+                self._init_state(param, rule)
+                by_device.setdefault(param.device, []).append(param)
+            for device, params in by_device.items():
+                self._step_params(params, rule, device, group["lr"], group["weight_decay"])
         return loss
 
-    def _step_param(self, param: torch.Tensor, rule: LearnedRule, weights, lr: float, weight_decay: float) -> None:
-        config = rule.config
+    def _init_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
         state = self.state[param]
         if not state:
-            state.update(F.init_state(config, param.shape, device=param.device))
+            state.update(F.init_state(rule.config, param.shape, device=param.device))
             state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=param.device)
+
+    def _step_params(self, params: list[torch.Tensor], rule: LearnedRule, device: torch.device, lr, weight_decay) -> None:
+        """One step of ``params`` (all on ``device``, states initialized) with the selected back end."""
+        config = rule.config
+        weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
+        lr, weight_decay = float(lr), float(weight_decay)
+        backend = select_backend(device)
+        if backend == "triton":
+            kernels = _triton_kernels()
+            reason = kernels.unsupported_reason(config) if kernels is not None else "Triton unavailable"
+            if reason is not None:
+                _log_once("rule not supported by the Triton kernels (%s); using the torch path", reason)
+            else:
+                fused, rest = [], []
+                for param in params:
+                    why = kernels.tensor_unsupported_reason(param, param.grad, self.state[param])
+                    if why:
+                        _log_once("tensor of shape %s not supported by the Triton kernels (%s); using the torch path",
+                                  tuple(param.shape), why)
+                    (rest if why else fused).append(param)
+                kernels.fused_learned_step_(
+                    config, weights, fused, [p.grad for p in fused], [self.state[p] for p in fused], lr, weight_decay
+                )
+                params = rest
+            backend = "torch"
+        # on CPU, chunks run on threads and each op on one thread; on a GPU threads would only contend
+        workers = min(torch.get_num_threads(), MAX_STEP_THREADS) if device.type == "cpu" else 1
+        with fast_step.single_threaded_ops():
+            self._step_torch(params, rule, config, weights, backend, lr, weight_decay, workers)
+
+    def _step_torch(self, params, rule, config, weights, backend, lr, weight_decay, workers) -> None:
+        for param in params:
+            if backend == "torch" and param.numel() > fast_step.SMALL_TENSOR:  # small ones: the reference is faster
+                why = fast_step.unsupported_reason(param, param.grad, self.state[param])
+                if why is None:
+                    skipped = fast_step.learned_step_(
+                        config, weights, param, param.grad, self.state[param], lr, weight_decay,
+                        scratch=self._scratch, workers=workers,
+                    )
+                    self._count_skip(param, skipped)
+                    continue
+                _log_once("tensor of shape %s not supported by the fast torch path (%s); using the reference",
+                          tuple(param.shape), why)
+            self._step_param(param, rule, weights, lr, weight_decay)
+
+    def _count_skip(self, param: torch.Tensor, reason: str | None) -> None:
+        if reason is None:
+            return
+        self.state[param]["skipped_steps"] += 1
+        if reason == "update":
+            logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
+
+    def _step_param(self, param: torch.Tensor, rule: LearnedRule, weights, lr: float, weight_decay: float) -> None:
+        """The reference back end: `features.learned_update` on fp32 copies, written back when finite."""
+        config = rule.config
+        self._init_state(param, rule)
+        state = self.state[param]
         weights = [(w.to(param.device), b.to(param.device)) for w, b in weights]
         grad = param.grad.to(torch.float32)
         if not torch.isfinite(grad).all():
-            state["skipped_steps"] += 1
+            self._count_skip(param, "gradient")
             return
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
         new_param, new_state = F.learned_update(
             config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay
         )
         if not torch.isfinite(new_param).all():
-            state["skipped_steps"] += 1
-            logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
+            self._count_skip(param, "update")
             return
         for key, value in new_state.items():
             state[key].copy_(value)
