@@ -48,10 +48,14 @@ bench-throughput: $(STAMP)
 	$(PY) benchmarks/meta_throughput.py
 
 bench-step-speed: $(STAMP)
-	$(PY) benchmarks/step_speed.py --device cpu
+	$(PY) benchmarks/step_speed.py --device cpu --threads 1 --out benchmarks/results/step_speed_cpu_1thread.md
 
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/trainer_overhead.py
 
 recipe-smollm2: $(STAMP)
 	$(VENV)/bin/optbundle finetune recipes/smollm2-lora-shakespeare.yaml
+
+.PHONY: gpu-check
+gpu-check:   # on a CUDA machine: kernel parity on the GPU + GPU step-speed table (not run yet: no GPU was lent)
+	bash benchmarks/gpu_check.sh
