@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     lines = [
         f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {2}..{steps}; "
-        "`python benchmarks/trainer_overhead.py" + (" --quick" if args.quick else "") + "`.",
+        "`python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:]) + "` (machine shared with other jobs).",
         "",
         "| model | trainable params | batch | AdamW step s | learned step s | overhead | AdamW opt s | learned opt s | learned opt share of step |",
         "|---|---|---|---|---|---|---|---|---|",
