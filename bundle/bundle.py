@@ -47,15 +47,14 @@ from .format import (
     CorruptFileError,
     MissingFileError,
     StateMismatchError,
+    atomic_directory,
     atomic_write_json,
-    build_manifest,
-    commit_directory,
     load_safetensors_file,
     read_json_file,
     read_manifest,
     save_safetensors_bytes,
-    staging_directory,
     verify_manifest,
+    write_card_and_manifest,
 )
 from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
 from .rule import LearnedRule
@@ -216,8 +215,7 @@ class Bundle:
         target = Path(save_directory)
         if state_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype}")
-        staging = staging_directory(target)
-        try:
+        with atomic_directory(target) as staging:
             self._write_model(staging)
             opt_dir = staging / OPTIMIZER_DIR
             self.rule.save_pretrained(opt_dir)
@@ -237,18 +235,10 @@ class Bundle:
                 write_named_state(opt_dir, self.state, state_dtype)
             from .card import model_card
 
-            (staging / "README.md").write_text(model_card(self), encoding="utf-8")
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
                 extra["base_model"] = base_model_identity(self.model)
-            manifest = build_manifest(staging, kind=self.kind, extra=extra)
-            atomic_write_json(staging / MANIFEST_NAME, manifest)
-            commit_directory(staging, target)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            write_card_and_manifest(staging, model_card(self), kind=self.kind, extra=extra)
         return target
 
     def _write_model(self, directory: Path) -> None:

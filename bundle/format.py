@@ -8,12 +8,14 @@ bundle behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -106,6 +108,25 @@ def staging_directory(target: Path) -> Path:
     staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     return staging
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh staging sibling of ``target`` to write a whole folder into; on success it replaces
+    ``target`` (`commit_directory`), on any error it is removed and ``target`` is left as it was."""
+    staging = staging_directory(target)
+    try:
+        yield staging
+        commit_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_card_and_manifest(directory: Path, card: str, *, kind: str, extra: dict[str, Any] | None = None) -> None:
+    """Finish a staged folder: its README.md card, then the ``bundle.json`` manifest of every other file."""
+    (directory / CARD_NAME).write_text(card, encoding="utf-8")
+    atomic_write_json(directory / MANIFEST_NAME, build_manifest(directory, kind=kind, extra=extra))
 
 
 def commit_directory(staging: Path, target: Path) -> None:

@@ -35,14 +35,14 @@ from .format import (
     OPTIMIZER_DIR,
     BundleError,
     MissingFileError,
+    atomic_directory,
     atomic_write_bytes,
-    atomic_write_json,
-    build_manifest,
     check_relative_path,
     commit_directory,
     read_manifest,
     staging_directory,
     verify_manifest,
+    write_card_and_manifest,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -448,16 +448,9 @@ def save_rule_repo(rule: LearnedRule, directory: str | Path) -> Path:
     from .card import rule_card
 
     target = Path(directory)
-    staging = staging_directory(target)
-    try:
+    with atomic_directory(target) as staging:
         rule.save_pretrained(staging)
-        (staging / CARD_NAME).write_text(rule_card(rule), encoding="utf-8")
-        manifest = build_manifest(staging, kind=RULE_REPO_KIND, extra={"rule_hash": rule.content_hash()})
-        atomic_write_json(staging / MANIFEST_NAME, manifest)
-        commit_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_card_and_manifest(staging, rule_card(rule), kind=RULE_REPO_KIND, extra={"rule_hash": rule.content_hash()})
     return target
 
 
