@@ -185,6 +185,21 @@ class Bundle:
 
         return LearnedOptimizerFactory, {}
 
+    def refine(self, train_dataset: Any, eval_dataset: Any = None, *, dataset_name: str | None = None, **config: Any):
+        """Meta-refine this bundle's rule on fine-tuning episodes of its model on ``train_dataset``.
+
+        Returns a new `Bundle` (same model and state, refined rule whose provenance names the parent rule's
+        hash, the data, the settings and the before/after held-out losses), or ``None`` if ``max_wall_time_s``
+        stopped the run (call again to resume from ``out_dir``). ``train_dataset`` / ``eval_dataset``:
+        tokenized examples (``input_ids``, optional ``attention_mask``, ``labels`` for classification; none for
+        language modelling). ``eval_dataset`` is the meta-objective's held-out data; without it a
+        ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
+        (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
+        """
+        from .refine import refine_bundle
+
+        return refine_bundle(self, train_dataset, eval_dataset, dataset_name=dataset_name, **config)
+
     def set_state(self, state: LearnedOptimizer | Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Take the accumulators to ship from an optimizer (by parameter name) or a name → state mapping."""
         if isinstance(state, LearnedOptimizer):

@@ -442,3 +442,36 @@ def finetune(args: argparse.Namespace) -> int:
     if recipe.optim.bundle_output:
         print(f"bundle (best learned run): {recipe.optim.bundle_output}")
     return 0
+
+
+# ---- refine ------------------------------------------------------------------------------------------------------
+
+
+@subcommand("refine", help="meta-refine a bundle's rule on a model + dataset recipe and save the refined bundle",
+            arguments=_finetune_arguments)
+def refine(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .refine import load_refine_recipe, run_refine_recipe
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"optbundle refine: --set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    recipe = load_refine_recipe(args.recipe, overrides)
+    result = run_refine_recipe(recipe)
+    if result is None:
+        print(f"stopped early (max_wall_time_s); run the same command again to resume from {recipe.config.out_dir}")
+        return 0
+    refined, target = result
+    numbers = refined.rule.provenance.get("before_after") or {}
+    print(f"refined bundle: {target}")
+    print(f"parent rule {refined.rule.provenance['parent_rule'][:12]} -> refined {refined.rule.content_hash()[:12]} "
+          f"({refined.rule.provenance['meta_steps']} meta-steps, {refined.rule.provenance['wall_time_s']} s)")
+    if numbers:
+        print(f"held-out loss after {numbers['steps']} fine-tuning steps: parent {numbers['held_out_loss_parent']:.4f}, "
+              f"refined {numbers['held_out_loss_refined']:.4f} (ratio {numbers['ratio']:.3f})")
+        print(f"plot: {Path(recipe.config.out_dir) / 'refinement.png'}")
+    return 0

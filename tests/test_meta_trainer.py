@@ -203,7 +203,7 @@ def test_reparametrization_preserves_the_function():
 
 
 def test_shipped_meta_trained_rule_and_adam_init_remains():
-    # default-v1 is the meta-trained rule of recipes/meta-train-default.yaml. "default" is NOT aliased to it yet:
+    # default-v1 is the meta-trained rule of recipes/meta-train-default-v1.yaml. "default" is NOT aliased to it yet:
     # it ends far above AdamW on held-out tasks and does not train the Trainer tests' tiny BERT (see the issue note).
     default = load_rule("default-v1")
     assert default.provenance["meta_trained"] is True
@@ -214,7 +214,7 @@ def test_shipped_meta_trained_rule_and_adam_init_remains():
     # the shipped φ is what the recipe's config describes, and it moved away from its (Adam) start
     from optbundle.meta.trainer import initial_rule, load_recipe
 
-    start = initial_rule(load_recipe("meta-train-default"))
+    start = initial_rule(load_recipe("meta-train-default-v1"))
     assert default.config == start.config
     assert not torch.equal(U.flatten_rule(default), U.flatten_rule(start))
     # and it is a usable torch optimizer

@@ -1,7 +1,9 @@
 """Meta-gradient estimators over vectorized truncated unrolls, and the meta-loss they differentiate.
 
 Meta-loss of one copy over a truncation of ``K`` inner steps (losses ``L_t`` at the parameters the step
-starts from, ``L_0`` the instance's loss at initialization on its first batch):
+starts from, ``L_0`` the instance's loss at initialization on its first batch; for a task with a held-out
+split (``sample_meta_batch``, used by refinement) ``L_t`` is the loss on a held-out batch at the parameters
+after step ``t`` and ``L_0`` the held-out loss at the episode's starting point):
 
     ℓ = mean_t  transform(clip(L_t / L_0, floor, clip_max)),   non-finite L_t ↦ clip_max,
 
@@ -55,11 +57,16 @@ def _unroll_truncation(
 ) -> torch.Tensor:
     """Advance ``group`` by ``steps`` inner steps with ``weights``; returns the per-copy meta-loss ``(C,)``."""
     total = 0.0
+    held_out = U.has_meta_split(group.task)
     for _ in range(steps):
         batch = group.sample_batch()
+        if held_out and group.initial_loss is None:
+            group.initial_loss = U.meta_losses(group, group.params)[: group.instances].clone()
         losses, group.params, group.accumulators = U.inner_step(
             config, weights, group.task, group.params, group.accumulators, batch, group.scales or None, differentiable
         )
+        if held_out:  # the objective is the loss on held-out data at the parameters after the step
+            losses = U.meta_losses(group, group.params, differentiable)
         if group.initial_loss is None:
             group.initial_loss = losses[: group.instances].detach().clone()
         total = total + normalized_meta_loss(losses, group.repeat(group.initial_loss), loss_cfg)

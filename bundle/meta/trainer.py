@@ -65,8 +65,10 @@ class MetaTrainConfig:
     outer_betas: tuple[float, float] = (0.9, 0.999)
     outer_weight_decay: float = 0.0
     gradient_clip: float = 3.0
-    #: which part of φ trains: "all", "last_layer", "first_layer" or a list of φ tensor names
+    #: which part of φ trains: "all", "last_layer", "first_layer", "output_scale" or a list of φ tensor names
     trainable: Any = "all"
+    #: fixed tasks only: probability that a new episode continues from where the last one ended
+    restart_prob: float = 0.0
     meta_steps: int = 1000
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
@@ -151,11 +153,18 @@ class MetaTrainer:
     """Meta-train a rule as ``config`` says; ``train()`` returns the `LearnedRule`.
 
     ``task`` (optional) fixes every group's task to one object (e.g. a `tasks.ModuleTask` for refinement)
-    instead of sampling specs from ``config.tasks``. Under ``torchrun`` the process group is created from the
+    instead of sampling specs from ``config.tasks``; ``initial`` (optional) is the starting rule instead of
+    ``config.init`` (refinement starts from a bundle's rule). Under ``torchrun`` the process group is created from the
     environment (gloo on CPU) unless one exists.
     """
 
-    def __init__(self, config: MetaTrainConfig, task: Any = None, out_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: MetaTrainConfig,
+        task: Any = None,
+        out_dir: str | Path | None = None,
+        initial: LearnedRule | None = None,
+    ) -> None:
         self.config = config
         self.fixed_task = task
         self.out_dir = Path(out_dir or config.out_dir)
@@ -163,7 +172,7 @@ class MetaTrainer:
         self._setup_distributed()
         if config.threads is not None:
             torch.set_num_threads(max(1, int(config.threads)))
-        self.parent = initial_rule(config)
+        self.parent = initial if initial is not None else initial_rule(config)
         self.rule_config = self.parent.config
         self.theta = U.flatten_rule(self.parent)
         if self.distributed:
@@ -214,6 +223,7 @@ class MetaTrainer:
             c.reparam_range,
             fixed_task=self.fixed_task,
             random_offset=first and c.estimator != "es",
+            restart_prob=0.0 if first else c.restart_prob,
         )
 
     def step(self) -> dict[str, float]:
@@ -413,6 +423,15 @@ class MetaTrainer:
             return False
         directory = self.checkpoint_root / read_json_file(pointer)["directory"]
         outer_meta = read_json_file(directory / "outer.json")
+        volatile = {"meta_steps", "max_wall_time_s", "progress", "out_dir", "threads", "log_every", "checkpoint_every",
+                    "keep_checkpoints"}
+        saved, current = outer_meta.get("config", {}), self.config.to_dict()
+        changed = sorted(k for k in set(saved) | set(current) if k not in volatile and saved.get(k) != current.get(k))
+        if changed:
+            raise RuntimeError(
+                f"{directory}: the checkpoint was written with a different config ({', '.join(changed)} differ); "
+                f"resume with the same settings or use another out_dir"
+            )
         if outer_meta["world_size"] != self.world_size:
             raise RuntimeError(
                 f"{directory}: checkpoint was written by {outer_meta['world_size']} process(es); resume with the same "

@@ -78,10 +78,19 @@ def load_flat_into_rule(rule: LearnedRule, flat: torch.Tensor) -> LearnedRule:
 def parameter_mask(config: RuleConfig, trainable: str | Sequence[str] = "all") -> torch.Tensor:
     """0/1 vector over ``θ`` selecting the parts of φ that train.
 
-    ``trainable``: "all"; "last_layer" (the output layer's weight and bias); "first_layer"; or a list of φ
-    tensor names from `rule_parameter_names` (e.g. ``["layers.1.bias"]``).
+    ``trainable``: "all"; "last_layer" (the output layer's weight and bias); "first_layer"; "output_scale"
+    (only the log-magnitude output: row 1 of the output layer and its bias, so the refined rule keeps its
+    direction and learns how far to step); or a list of φ tensor names from `rule_parameter_names` (e.g.
+    ``["layers.1.bias"]``).
     """
     names = rule_parameter_names(config)
+    if trainable == "output_scale":  # only the log-magnitude output (row 1 of the last layer): one scale per feature
+        mask = torch.zeros(num_rule_parameters(config))
+        out_features, in_features = config.layer_shapes()[-1]
+        start = num_rule_parameters(config) - out_features * in_features - out_features
+        mask[start + in_features : start + 2 * in_features] = 1.0  # weight row 1
+        mask[-out_features + 1] = 1.0  # bias[1]
+        return mask
     if trainable == "all":
         selected = set(names)
     elif trainable == "last_layer":
@@ -141,6 +150,21 @@ def inner_step(
     return (losses if differentiable else losses.detach()), new_params, new_accumulators
 
 
+def has_meta_split(task: Any) -> bool:
+    """Whether the task's meta-objective is a held-out split (it has ``sample_meta_batch``)."""
+    return callable(getattr(task, "sample_meta_batch", None))
+
+
+def meta_losses(group: TaskGroup, params: Mapping[str, torch.Tensor], differentiable: bool = False) -> torch.Tensor:
+    """Every copy's loss on a fresh held-out batch at ``params`` (shared by the ± copies of an instance)."""
+    batch = group.sample_meta_batch()
+    context = torch.enable_grad() if differentiable else torch.no_grad()
+    with context:
+        model_params = T.reparametrize(params, group.scales, inverse=False) if group.scales else params
+        losses = group.task.loss(model_params, batch)
+    return losses if differentiable else losses.detach()
+
+
 # ---- a group of task instances -----------------------------------------------------------------------
 
 
@@ -176,6 +200,10 @@ class TaskGroup:
     def sample_batch(self) -> T.Batch:
         return tuple(self.repeat(b) for b in self.task.sample_batch(self.generator, self.instances))
 
+    def sample_meta_batch(self) -> T.Batch:
+        """Held-out batches (tasks with ``sample_meta_batch``), one per instance, repeated over its copies."""
+        return tuple(self.repeat(b) for b in self.task.sample_meta_batch(self.generator, self.instances))
+
     def has_diverged(self) -> bool:
         return any(not torch.isfinite(p).all() for p in self.params.values())
 
@@ -195,13 +223,31 @@ def reset_group(
     reparam_range: tuple[float, float] | None,
     fixed_task: T.Task | None = None,
     random_offset: bool = False,
+    restart_prob: float = 0.0,
 ) -> None:
     """Start a new episode: a fresh task spec (unless ``fixed_task``), fresh inits, scales and accumulators.
 
     With ``random_offset`` (the first episode of a run) the episode is cut to a uniformly random part of its
-    length, so that groups reach their episode ends at staggered meta-steps.
+    length, so that groups reach their episode ends at staggered meta-steps. With ``restart_prob`` (fixed
+    tasks only) the new episode, with that probability, starts where the last one ended (each instance from
+    its + copy's parameters and accumulators, when finite) instead of from the task's initial point: episodes
+    then begin at random points along a training trajectory. A task with ``initial_accumulators(n)`` (e.g.
+    a bundle's shipped optimizer state) starts its accumulators there instead of at zero.
     """
     generator = group.generator
+    if fixed_task is not None and restart_prob > 0 and group.params and not group.has_diverged():
+        if float(torch.rand((), generator=generator)) < restart_prob:
+            n = group.instances
+            length = sample_episode_length(generator, *episode_range)
+            group.episode_length, group.episode_step = length, 0
+            group.params = {k: group.repeat(v[:n]) for k, v in group.params.items()}
+            group.accumulators = {
+                k: {key: group.repeat(value[:n]) for key, value in state.items()} for k, state in group.accumulators.items()
+            }
+            group.initial_loss = None
+            group.perturbation_sum = torch.zeros(n, num_phi)
+            group.episodes += 1
+            return
     if fixed_task is not None:
         group.task = fixed_task
     else:
@@ -220,8 +266,15 @@ def reset_group(
     else:
         group.scales = {}
     group.params = {k: group.repeat(v) for k, v in weights.items()}
+    initial_accumulators = getattr(group.task, "initial_accumulators", None)
+    shipped = initial_accumulators(config) if callable(initial_accumulators) else {}
     group.accumulators = {
-        k: F.init_state(config, v.shape[1:], batch_shape=(group.copies,)) for k, v in group.params.items()
+        k: (
+            {key: group.repeat(value.unsqueeze(0).expand(group.instances, *value.shape).clone()) for key, value in shipped[k].items()}
+            if k in shipped
+            else F.init_state(config, v.shape[1:], batch_shape=(group.copies,))
+        )
+        for k, v in group.params.items()
     }
     group.initial_loss = None
     group.perturbation_sum = torch.zeros(group.instances, num_phi)

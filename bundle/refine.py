@@ -1,0 +1,545 @@
+"""Meta-refinement: continue meta-training a bundle's rule on fine-tuning episodes of its own model and data.
+
+    refined = bundle.refine(train_dataset, eval_dataset, lr=0.025, meta_steps=40, trainable="last_layer")
+    refined.save_pretrained("my-refined-bundle")
+
+or ``optbundle refine recipes/refine-minilm-vader.yaml``. The engine is `optbundle.meta` unchanged: the task
+is a `TransformersTask` (a `meta.tasks.ModuleTask` over the bundle's model), so the unrolls are the same
+vectorized ``torch.func.functional_call`` + ``vmap`` copies, the estimator is the same antithetic PES (or ES /
+TBPTT), the same mask, checkpoints and resume. What refinement adds:
+
+- episodes start from the bundle's weights (and its shipped accumulators, when it has them); batches are
+  drawn from the user's data (each instance its own order); with ``restart_prob`` a new episode continues
+  from where the last one ended, so episodes also start at random points along a fine-tuning trajectory;
+- the meta-objective is the loss on held-out data (``eval_dataset``, or a ``meta_fraction`` split of the
+  training data) after every inner step, normalized by its value at the episode's start and clipped;
+- the user's learning-rate multiplier is folded into the rule (``step_mult × lr``), so the refined rule runs
+  at ``lr=1`` and its step size is part of what refinement can change;
+- ``trainable`` masks φ ("last_layer" by default; "output_scale" adapts only the step magnitude, for tiny
+  datasets); cost control for big models: LoRA (only parameters with ``requires_grad`` are unrolled), short
+  truncations, few antithetic pairs;
+- a before/after measurement (`finetune_curve`: the same batches, steps and seed, parent rule vs refined
+  rule, held-out loss), a PNG of the meta-loss and of both curves, and provenance that links to the parent.
+
+The model runs in eval mode during refinement (dropout off: ± copies must see the same function).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import features as F
+from .meta import tasks as T
+from .rule import LearnedRule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineConfig:
+    """Settings of one refinement run (every field is a keyword of `Bundle.refine` and a recipe key)."""
+
+    #: lr multiplier the rule is refined (and shipped) at; folded into the refined rule's step_mult
+    lr: float = 1.0
+    meta_steps: int = 40
+    estimator: str = "pes"
+    #: inner steps per truncation (short: cost control for big models)
+    truncation: int = 8
+    #: fine-tuning episode length range [lo, hi] (log-uniform)
+    episode_length: list[int] = field(default_factory=lambda: [16, 64])
+    #: antithetic pairs per group (each pair = 2 model copies unrolled together)
+    pairs: int = 2
+    task_groups: int = 1
+    sigma: float = 0.01
+    outer_lr: float = 3e-3
+    gradient_clip: float = 3.0
+    #: part of φ that adapts: all | last_layer | first_layer | output_scale
+    trainable: str = "last_layer"
+    #: probability that an episode continues from where the previous one ended
+    restart_prob: float = 0.5
+    batch_size: int = 16
+    meta_batch_size: int = 32
+    #: held-out fraction of the training data for the meta-objective when no eval_dataset is given
+    meta_fraction: float = 0.25
+    #: longest sequence kept (tokens); longer examples are truncated
+    max_tokens: int = 128
+    seed: int = 0
+    #: steps of the before/after fine-tuning comparison (0: skip it)
+    compare_steps: int = 40
+    out_dir: str = "outputs/refine"
+    checkpoint_every: int = 5
+    max_wall_time_s: float | None = None
+    threads: int | None = None
+    progress: bool = True
+    name: str = "refine"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            problems.append(f"lr must be > 0, got {self.lr!r}")
+        if self.estimator not in ("pes", "es", "tbptt"):
+            problems.append(f"estimator must be pes, es or tbptt, got {self.estimator!r}")
+        if len(self.episode_length) != 2 or not 1 <= self.episode_length[0] <= self.episode_length[1]:
+            problems.append(f"episode_length must be [lo, hi] with 1 <= lo <= hi, got {self.episode_length!r}")
+        if not 0.0 < self.meta_fraction < 1.0:
+            problems.append(f"meta_fraction must be in (0, 1), got {self.meta_fraction!r}")
+        if not 0.0 <= self.restart_prob <= 1.0:
+            problems.append(f"restart_prob must be in [0, 1], got {self.restart_prob!r}")
+        for name in ("meta_steps", "truncation", "pairs", "task_groups", "batch_size", "meta_batch_size", "max_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("refinement config: " + "; ".join(problems))
+        self.episode_length = [int(x) for x in self.episode_length]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> RefineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown refinement option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenData:
+    """Tokenized examples as padded tensors: ``input_ids``/``attention_mask`` ``(N, L)``, ``labels`` ``(N,)``
+    (sequence classification) or ``(N, L)`` (language modelling, -100 on padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.labels.dim() == 2
+
+    def subset(self, index: torch.Tensor) -> TokenData:
+        return TokenData(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``index`` (any shape), trimmed to the longest non-padding length among them."""
+        mask = self.attention_mask[index]
+        length = max(int(mask.sum(-1).max()), 1)
+        labels = self.labels[index]
+        if self.causal_lm:
+            labels = labels[..., :length]
+        return self.input_ids[index][..., :length], mask[..., :length], labels
+
+
+def token_data(dataset: Any, pad_token_id: int, max_length: int, what: str = "dataset") -> TokenData:
+    """`TokenData` from a tokenized dataset: a `datasets.Dataset`, a list of dicts, or anything indexable
+    yielding dicts with ``input_ids`` (and optionally ``attention_mask`` and ``labels``; without ``labels`` the
+    examples are language modelling: labels = input_ids)."""
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise TypeError(f"{what}: expected a sized dataset of tokenized examples, got {type(dataset).__name__}") from None
+    if size == 0:
+        raise ValueError(f"{what} is empty")
+    rows = [dataset[i] for i in range(size)]
+    if not all(isinstance(r, Mapping) and "input_ids" in r for r in rows):
+        raise ValueError(f"{what}: every example must be a mapping with 'input_ids' (tokenize it first)")
+    ids = [list(r["input_ids"])[:max_length] for r in rows]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError(f"{what}: an example has no tokens")
+    masks = [list(r["attention_mask"])[:max_length] if "attention_mask" in r else [1] * len(x) for r, x in zip(rows, ids)]
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((size, length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((size, length), dtype=torch.long)
+    for i, (x, m) in enumerate(zip(ids, masks)):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        attention[i, : len(m)] = torch.tensor(m)
+    has_labels = "labels" in rows[0] or "label" in rows[0]
+    if has_labels:
+        key = "labels" if "labels" in rows[0] else "label"
+        labels = torch.tensor([r[key] for r in rows])
+        if labels.dim() != 1:
+            raise ValueError(f"{what}: '{key}' must be one class per example")
+    else:
+        labels = input_ids.masked_fill(attention == 0, -100)
+    return TokenData(input_ids, attention, labels)
+
+
+def additive_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """A 2-D padding mask ``(..., L)`` as transformers' prepared 4-D additive mask ``(..., 1, L, L)``.
+
+    transformers returns a 4-D mask as-is, which avoids its data-dependent shortcuts (they cannot run
+    under ``vmap``); the math is the same as with the 2-D mask.
+    """
+    length = attention_mask.shape[-1]
+    allowed = attention_mask[..., None, :].bool().expand(*attention_mask.shape[:-1], length, length)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    zeros = torch.zeros(allowed.shape, device=attention_mask.device)
+    return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min).unsqueeze(-3)
+
+
+class TransformersTask(T.ModuleTask):
+    """Fine-tuning a transformers model (full or PEFT) on tokenized data, as a meta-training task.
+
+    Inner batches come from ``train``, held-out batches for the meta-objective from ``held_out``. Every
+    instance draws its own examples (data order differs per instance; ± copies share them).
+    ``initial_state`` (a bundle's named accumulators) seeds the accumulators of every episode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TokenData,
+        held_out: TokenData,
+        batch_size: int,
+        meta_batch_size: int,
+        initial_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        name: str = "transformers",
+    ) -> None:
+        super().__init__(model, self._draw_train, self._loss_from_output, name=name)
+        self.train, self.held_out = train, held_out
+        self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
+        self.initial_state = dict(initial_state or {})
+        self.causal = train.causal_lm
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"family": "transformers", "name": self.name, "train_examples": len(self.train),
+                "held_out_examples": len(self.held_out), "batch_size": self.batch_size}
+
+    def _draw_train(self, generator: torch.Generator, n: int) -> T.Batch:
+        return self.train.gather(torch.randint(0, len(self.train), (n, self.batch_size), generator=generator))
+
+    def sample_meta_batch(self, generator: torch.Generator, n: int) -> T.Batch:
+        """One held-out batch for all ``n`` instances (the objective compares instances on the same data)."""
+        index = torch.randint(0, len(self.held_out), (self.meta_batch_size,), generator=generator)
+        return tuple(t.unsqueeze(0).expand(n, *t.shape) for t in self.held_out.gather(index))
+
+    @staticmethod
+    def _loss_from_output(output: Any, _targets: Any) -> torch.Tensor:
+        return output.loss
+
+    def loss(self, params: Mapping[str, torch.Tensor], batch: T.Batch) -> torch.Tensor:
+        input_ids, attention_mask, labels = batch
+        fixed = {**self.frozen, **self.buffers}
+        causal = self.causal
+
+        def one_copy(copy_params: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor):
+            kwargs = {"input_ids": ids, "attention_mask": additive_mask(mask, causal), "labels": y}
+            return torch.func.functional_call(self.module, {**fixed, **copy_params}, args=(), kwargs=kwargs).loss
+
+        return torch.func.vmap(one_copy)(dict(params), input_ids, attention_mask, labels)
+
+    def initial_accumulators(self, config: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """The bundle's shipped accumulators, for the parameters whose state matches the rule's layout."""
+        out = {}
+        for name, value in self.initial.items():
+            shipped = self.initial_state.get(name)
+            if not shipped:
+                continue
+            expected = F.init_state(config, value.shape)
+            if all(k in shipped and tuple(shipped[k].shape) == tuple(v.shape) for k, v in expected.items()):
+                out[name] = {k: shipped[k].to(v.dtype) for k, v in expected.items()}
+        return out
+
+
+# ---- before/after fine-tuning ----------------------------------------------------------------------------
+
+
+def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = 64) -> float:
+    """Mean loss of ``model`` over ``data`` (eval mode, no grad), weighted by examples."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            ids, mask, labels = data.gather(torch.arange(start, min(start + batch_size, len(data))))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            total += float(loss) * ids.shape[0]
+            count += ids.shape[0]
+    return total / max(count, 1)
+
+
+def finetune_curve(
+    model: nn.Module,
+    make_optimizer: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer],
+    train: TokenData,
+    held_out: TokenData,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    eval_every: int = 10,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` in place for ``steps`` steps on batches drawn with ``seed`` (identical for every
+    optimizer given the same seed) and return the held-out loss curve ``[(step, loss), ...]`` and wall time.
+
+    The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
+    receives the named trainable parameters.
+    """
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(named)
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, evaluate_loss(model, held_out))]
+    train_losses = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        ids, mask, labels = train.gather(torch.randint(0, len(train), (batch_size,), generator=generator))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_losses.append(float(loss.detach()))
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, evaluate_loss(model, held_out)))
+    finite = all(math.isfinite(v) for _, v in curve)
+    return {"curve": curve, "final": curve[-1][1], "train_losses": train_losses, "diverged": not finite,
+            "wall_s": time.perf_counter() - start}
+
+
+def learned_optimizer_factory(rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float = 1.0):
+    """A `finetune_curve` optimizer factory for a rule (starting from a bundle's named accumulators)."""
+    from .optimizer import LearnedOptimizer
+
+    def make(named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        optimizer = LearnedOptimizer(named, rule, lr=lr)
+        if state:
+            optimizer.load_named_state(state)
+        return optimizer
+
+    return make
+
+
+def adamw_factory(lr: float, weight_decay: float = 0.0):
+    def make(named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+
+    return make
+
+
+# ---- the refinement run ---------------------------------------------------------------------------------
+
+
+def with_lr_folded(rule: LearnedRule, lr: float) -> LearnedRule:
+    """A copy of ``rule`` whose ``step_mult`` includes the multiplier ``lr`` (same φ weights)."""
+    folded = LearnedRule(dataclasses.replace(rule.config, step_mult=rule.config.step_mult * lr))
+    folded.load_state_dict(rule.state_dict())
+    folded.provenance = dict(rule.provenance)
+    return folded
+
+
+def _meta_config(cfg: RefineConfig, parent_hash: str):
+    from .meta.trainer import MetaTrainConfig
+
+    return MetaTrainConfig(
+        name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", estimator=cfg.estimator, sigma=cfg.sigma,
+        truncation=cfg.truncation, episode_length=tuple(cfg.episode_length), task_groups=cfg.task_groups,
+        instances_per_group=cfg.pairs, tasks=[], reparam_range=None, meta_loss={}, outer_lr=cfg.outer_lr,
+        gradient_clip=cfg.gradient_clip, trainable=cfg.trainable, restart_prob=cfg.restart_prob,
+        meta_steps=cfg.meta_steps, checkpoint_every=cfg.checkpoint_every, out_dir=cfg.out_dir, threads=cfg.threads,
+        max_wall_time_s=cfg.max_wall_time_s, progress=cfg.progress,
+    )
+
+
+def refine_bundle(
+    bundle: Any,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    dataset_name: str | None = None,
+    **options: Any,
+):
+    """`Bundle.refine` (see there). Returns the refined `Bundle`, or ``None`` when ``max_wall_time_s`` stopped
+    the run early (call again with the same arguments to resume from ``out_dir``)."""
+    from .bundle import Bundle
+    from .meta.trainer import MetaTrainer
+
+    cfg = RefineConfig.from_kwargs(**options)
+    if len(bundle.rules) > 1:
+        raise ValueError(
+            f"refine works on single-rule bundles; this one is layer-wise with rules {sorted(bundle.rules)}"
+        )
+    model = bundle.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the bundle's model has no trainable parameters (requires_grad) to fine-tune")
+    pad = _pad_token_id(bundle, model)
+    train = token_data(train_dataset, pad, cfg.max_tokens, "train_dataset")
+    split = "eval_dataset"
+    if eval_dataset is not None:
+        held_out = token_data(eval_dataset, pad, cfg.max_tokens, "eval_dataset")
+        if held_out.causal_lm != train.causal_lm:
+            raise ValueError("train_dataset and eval_dataset must both have class labels or both be language modelling")
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+        cut = int(round(len(train) * cfg.meta_fraction))
+        if cut < 1 or cut >= len(train):
+            raise ValueError(f"train_dataset has {len(train)} examples: too few to split off meta_fraction={cfg.meta_fraction}")
+        held_out, train = train.subset(order[:cut]), train.subset(order[cut:])
+        split = f"meta_fraction={cfg.meta_fraction} of train_dataset (seed {cfg.seed})"
+    parent = bundle.rule
+    parent_hash = parent.content_hash()
+    start_rule = with_lr_folded(parent, cfg.lr)
+    out_dir = Path(cfg.out_dir)
+    was_training = model.training
+    model.eval()
+    try:
+        task = TransformersTask(model, train, held_out, cfg.batch_size, cfg.meta_batch_size,
+                                initial_state=bundle.state, name=dataset_name or "user-data")
+        trainer = MetaTrainer(_meta_config(cfg, parent_hash), task=task, out_dir=out_dir, initial=start_rule)
+        refined = trainer.train()
+        if refined is None:
+            logger.info("refinement stopped at meta-step %d (max_wall_time_s); call again to resume", trainer.meta_step)
+            return None
+        comparison = None
+        if cfg.compare_steps > 0:
+            comparison = compare_rules(model, start_rule, refined, bundle.state, train, held_out, cfg)
+            plot_refinement(trainer, comparison, out_dir / "refinement.png")
+    finally:
+        model.train(was_training)
+    provenance = dict(refined.provenance)
+    provenance.update({
+        "method": "meta-refinement",
+        "parent_rule": parent_hash,
+        "parent_provenance": {k: parent.provenance.get(k) for k in ("method", "recipe", "meta_trained") if k in parent.provenance},
+        "lr_folded": cfg.lr,
+        "data": {"name": dataset_name or "user-data", "train_examples": len(train), "held_out_examples": len(held_out),
+                 "held_out_split": split, "task": "causal-lm" if train.causal_lm else "sequence-classification"},
+        "refine_config": dataclasses.asdict(cfg),
+        "before_after": comparison and {k: v for k, v in comparison.items() if k != "curves"},
+    })
+    provenance.pop("recipe_command", None)
+    refined.provenance = provenance
+    result = Bundle(model, refined, state=bundle.state, tokenizer=bundle.tokenizer, routing=bundle.routing)
+    (out_dir / "refinement.json").write_text(json.dumps(provenance, indent=1, default=str))
+    return result
+
+
+def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, state: Any, train: TokenData,
+                  held_out: TokenData, cfg: RefineConfig) -> dict[str, Any]:
+    """Fine-tune copies of ``model`` with the parent and the refined rule (same batches, steps, seed)."""
+    results = {}
+    for label, rule in (("parent", parent), ("refined", refined)):
+        copy_ = copy.deepcopy(model)
+        results[label] = finetune_curve(copy_, learned_optimizer_factory(rule, state), train, held_out,
+                                        cfg.compare_steps, seed=cfg.seed + 1, batch_size=cfg.batch_size,
+                                        eval_every=max(1, cfg.compare_steps // 8))
+        del copy_
+    before, after = results["parent"]["final"], results["refined"]["final"]
+    return {
+        "steps": cfg.compare_steps, "seed": cfg.seed + 1, "held_out_loss_parent": before,
+        "held_out_loss_refined": after, "ratio": after / before if before else float("nan"),
+        "curves": {k: v["curve"] for k, v in results.items()},
+    }
+
+
+def plot_refinement(trainer: Any, comparison: dict[str, Any], path: Path) -> None:
+    """Two panels: the meta-loss per meta-step, and held-out loss while fine-tuning with parent vs refined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    history = trainer.history
+    left.plot([r["meta_step"] for r in history], [r["meta_loss"] for r in history], lw=1)
+    left.set_xlabel("meta-step")
+    left.set_ylabel("meta-loss (log held-out loss ratio)")
+    left.set_title("refinement")
+    for label, curve in comparison["curves"].items():
+        steps, losses = zip(*curve)
+        right.plot(steps, losses, marker="o", ms=3, label=f"{label} rule")
+    right.set_xlabel("fine-tuning step")
+    right.set_ylabel("held-out loss")
+    right.set_title(f"before / after (seed {comparison['seed']})")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pad_token_id(bundle: Any, model: nn.Module) -> int:
+    tokenizer = getattr(bundle, "tokenizer", None)
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(getattr(model, "config", None), "pad_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+# ---- recipes: optbundle refine RECIPE.yaml ---------------------------------------------------------------
+
+
+@dataclass
+class RefineSource:
+    """Where the bundle to refine comes from, and where the refined one goes."""
+
+    bundle: str | None = field(default=None, metadata={"help": "a bundle folder to refine (else model + rule)"})
+    rule: str = field(default="default", metadata={"help": "rule for a bundle built from `model` (name, folder, Hub id)"})
+    model_seed: int = field(default=0, metadata={"help": "seed of the fresh task head when building from `model`"})
+    output_bundle: str | None = field(default=None, metadata={"help": "where to save the refined bundle (default: out_dir/bundle)"})
+
+
+@dataclass
+class RefineRecipe:
+    model: Any
+    data: Any
+    source: RefineSource
+    config: RefineConfig
+
+
+def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RefineRecipe:
+    """Parse a refinement recipe: the `finetune` model/data keys, `RefineSource` and `RefineConfig` keys."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    from .finetune import DataArguments, ModelArguments
+    from .recipes import recipe_path
+
+    path = recipe_path(str(path))
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of argument names to values")
+    data = {**data, **(overrides or {})}
+    data.setdefault("name", path.stem)
+    parser = HfArgumentParser((ModelArguments, DataArguments, RefineSource, RefineConfig))
+    try:
+        model, data_args, source, config = parser.parse_dict(data, allow_extra_keys=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    config.max_tokens = data_args.max_length
+    return RefineRecipe(model, data_args, source, config)
+
+
+def run_refine_recipe(recipe: RefineRecipe):
+    """Build (or load) the bundle, refine it on the recipe's data, save the refined bundle; returns it."""
+    from . import load_rule
+    from .bundle import Bundle
+    from .finetune import build_datasets, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    if recipe.source.bundle:
+        bundle = Bundle.from_pretrained(recipe.source.bundle)
+        bundle.tokenizer = bundle.tokenizer or tokenizer
+    else:
+        model = load_model(recipe.model, recipe.source.model_seed, tokenizer)
+        bundle = Bundle(model, load_rule(recipe.source.rule), tokenizer=tokenizer)
+    train, held_out = build_datasets(recipe.data, recipe.model, tokenizer)
+    refined = bundle.refine(train, held_out, dataset_name=recipe.data.dataset, **dataclasses.asdict(recipe.config))
+    if refined is None:
+        return None
+    target = Path(recipe.source.output_bundle or Path(recipe.config.out_dir) / "bundle")
+    refined.save_pretrained(target)
+    return refined, target
