@@ -33,10 +33,16 @@ clean:
 	rm -rf $(VENV) outputs
 
 # ---- longer jobs (each one command; results land in benchmarks/results/) ----
-.PHONY: meta-train-default bench-heldout bench-heldout-quick bench-throughput bench-step-speed bench-overhead recipe-smollm2
+.PHONY: meta-train-default refine-minilm bench-refine bench-heldout bench-heldout-quick bench-throughput bench-step-speed bench-overhead recipe-smollm2
 
-meta-train-default: $(STAMP)   # ≈20 min on 2 cores; resumes from runs/meta-train-default/checkpoints after a kill
-	$(PY) -m optbundle.meta.train meta-train-default --ship default-v1
+meta-train-default: $(STAMP)   # ≈45 min on a free core; resumes from runs/meta-train-default/checkpoints after a kill
+	$(PY) -m optbundle.meta.train meta-train-default --ship default-v2
+
+refine-minilm: $(STAMP)   # ≈25 min: meta-refine adam-init for MiniLM LoRA on VADER; resumable
+	$(PY) -m optbundle.cli refine recipes/refine-minilm-vader.yaml
+
+bench-refine: $(STAMP)   # refinement benchmark (MiniLM LoRA / VADER, SmolLM2 LoRA / Shakespeare)
+	$(PY) benchmarks/refine.py
 
 bench-heldout: $(STAMP)
 	$(PY) benchmarks/heldout.py

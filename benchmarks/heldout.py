@@ -276,8 +276,8 @@ def resolve_rule(name: str) -> tuple[LearnedRule, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # the meta-trained rule of recipes/meta-train-default.yaml ("default" still aliases adam-init, see the issue note)
-    parser.add_argument("--rule", default="default-v1")
+    # the shipped default (the meta-trained rule of recipes/meta-train-default.yaml)
+    parser.add_argument("--rule", default="default")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=None, help="subset of task names (for debugging only)")
@@ -356,7 +356,7 @@ def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -
         f"Rule: `{rule_label}` ({rule.config.output}, {rule.num_parameters()} φ parameters, "
         f"meta-trained: {rule.provenance.get('meta_trained')}, recipe: {rule.provenance.get('recipe')}). "
         f"Command: `python benchmarks/heldout.py{' --quick' if args.quick else ''}"
-        f"{'' if args.rule == 'default-v1' else ' --rule ' + args.rule}`; {args.seeds} seeds; "
+        f"{'' if args.rule == 'default' else ' --rule ' + args.rule}`; {args.seeds} seeds; "
         f"{seconds / 60:.1f} min on {platform.machine()} (2 shared cores).",
         "",
         "Loss = training objective on a fixed evaluation set. Ratio = rule final loss / best-lr AdamW final loss"

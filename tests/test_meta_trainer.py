@@ -202,26 +202,29 @@ def test_reparametrization_preserves_the_function():
     assert torch.allclose(task.loss(T.reparametrize(theta, scales, inverse=False), batch), task.loss(params, batch), rtol=1e-5)
 
 
-def test_shipped_meta_trained_rule_and_adam_init_remains():
-    # default-v1 is the meta-trained rule of recipes/meta-train-default-v1.yaml. "default" is NOT aliased to it yet:
-    # it ends far above AdamW on held-out tasks and does not train the Trainer tests' tiny BERT (see the issue note).
-    default = load_rule("default-v1")
-    assert default.provenance["meta_trained"] is True
-    assert default.provenance["recipe"] == "meta-train-default"
-    assert default.provenance["estimator"] == "pes" and default.provenance["meta_steps"] > 0
+@pytest.mark.parametrize("name,recipe", [("default", "meta-train-default"), ("default-v1", "meta-train-default-v1")])
+def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
+    # "default" aliases default-v2, the meta-trained rule of recipes/meta-train-default.yaml; default-v1 is the
+    # earlier one of recipes/meta-train-default-v1.yaml (its recipe was named meta-train-default then)
+    from optbundle.meta.trainer import initial_rule, load_recipe
+
+    rule = load_rule(name)
+    assert rule.provenance["meta_trained"] is True
+    assert rule.provenance["recipe"] == "meta-train-default"
+    assert rule.provenance["estimator"] == "pes" and rule.provenance["meta_steps"] > 0
+    config = load_recipe(recipe)
+    assert rule.provenance["meta_steps"] == config.meta_steps
     adam_init = load_rule("adam-init")
     assert adam_init.provenance["meta_trained"] is False
     # the shipped φ is what the recipe's config describes, and it moved away from its (Adam) start
-    from optbundle.meta.trainer import initial_rule, load_recipe
-
-    start = initial_rule(load_recipe("meta-train-default-v1"))
-    assert default.config == start.config
-    assert not torch.equal(U.flatten_rule(default), U.flatten_rule(start))
+    start = initial_rule(config)
+    assert rule.config == start.config
+    assert not torch.equal(U.flatten_rule(rule), U.flatten_rule(start))
     # and it is a usable torch optimizer
     model = torch.nn.Linear(4, 2)
     from optbundle import LearnedOptimizer
 
-    opt = LearnedOptimizer(model.parameters(), default)
+    opt = LearnedOptimizer(model.parameters(), rule)
     model(torch.randn(8, 4)).pow(2).mean().backward()
     before = model.weight.detach().clone()
     opt.step()

@@ -15,7 +15,7 @@ from optbundle import Bundle, LearnedOptimizer, load_rule
 
 def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     bundle = Bundle(digits_model(), load_rule("default"))
-    optimizer, scheduler = bundle.optimizer(lr=3.0)
+    optimizer, scheduler = bundle.optimizer(lr=1.0)  # the default rule as shipped
     trainer = Trainer(model=bundle.model, args=trainer_args(tmp_path, 200), train_dataset=digits_dataset(),
                       optimizers=(optimizer, scheduler))
     trainer.train()
@@ -24,7 +24,7 @@ def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
     assert isinstance(trainer.optimizer.optimizer, LearnedOptimizer)  # accelerate wraps ours
     # the constant schedule kept the multiplier (Trainer's default would have decayed it to 0)
-    assert optimizer.param_groups[0]["lr"] == 3.0
+    assert optimizer.param_groups[0]["lr"] == 1.0
     # a bundle saved after training carries the accumulators and loads back
     bundle.set_state(optimizer)
     loaded = Bundle.from_pretrained(bundle.save_pretrained(tmp_path / "bundle"))

@@ -17,7 +17,7 @@ def base_dir(tmp_path_factory):
     """A 'pretrained' base model on disk (a tiny BERT trained briefly on digits), as users have."""
     path = tmp_path_factory.mktemp("base") / "tiny-bert"
     model = digits_bert(seed=0)
-    bundle = Bundle(model, load_rule("default"))
+    bundle = Bundle(model, load_rule("adam-init"))  # Adam-like at lr 3e-3 (the multiplier below)
     trainer = Trainer(model=model, args=trainer_args(path.parent / "run", 150), train_dataset=digits_dataset(),
                       optimizers=bundle.optimizer(lr=3.0))
     trainer.train()
@@ -35,12 +35,14 @@ def lora_model(base_dir):
 
 def lora_bundle(base_dir):
     model = lora_model(base_dir)
-    lora_b_rule = LearnedRule(load_rule("default").config)
-    lora_b_rule.load_state_dict(load_rule("default").state_dict())
-    with torch.no_grad():  # a different rule for B: twice the step of the default rule
+    # adam-init's output is linear in its last layer (small_fc_lopt form), so doubling that layer doubles the step;
+    # the lr multipliers below (10 for LoRA, 3 for bf16) are Adam-like rates for it (1e-2, 3e-3)
+    lora_b_rule = LearnedRule(load_rule("adam-init").config)
+    lora_b_rule.load_state_dict(load_rule("adam-init").state_dict())
+    with torch.no_grad():  # a different rule for B: twice the step of the main rule
         lora_b_rule.layers[-1].weight.mul_(2.0)
         lora_b_rule.layers[-1].bias.mul_(2.0)
-    return Bundle(model, {"default": load_rule("default"), "lora_b": lora_b_rule}, routing=[("*lora_B*", "lora_b")])
+    return Bundle(model, {"default": load_rule("adam-init"), "lora_b": lora_b_rule}, routing=[("*lora_B*", "lora_b")])
 
 
 def test_lora_optimizer_covers_only_trainable_params_and_routes_rules(base_dir, tmp_path):
@@ -169,7 +171,7 @@ def test_gradient_clipping_happens_before_the_learned_step(tmp_path):
 
 def test_bf16_parameters_train_with_fp32_accumulators(tmp_path):
     model = digits_bert().to(torch.bfloat16)
-    bundle = Bundle(model, load_rule("default"))
+    bundle = Bundle(model, load_rule("adam-init"))
     optimizer, scheduler = bundle.optimizer(lr=3.0)
     trainer = Trainer(model=model, args=trainer_args(tmp_path, 200), train_dataset=digits_dataset(),
                       optimizers=(optimizer, scheduler))
