@@ -5,9 +5,9 @@
     python benchmarks/heldout.py --rule runs/meta-train-default   # a run directory (its rule or newest checkpoint)
     python benchmarks/heldout.py --rule adam-init                 # any shipped rule name or rule directory
 
-Held-out list (never tuned on; the default recipe trains MLPs of widths 16–128, depths 1–2, relu/tanh on 8x8
-digits / 8x8 MNIST, and char transformers d 16–32, 1 layer, context ≤ 32 on comedies/histories/problems/roman/
-romances): see `HELD_OUT`. Each task runs ≥ 3 seeds; seed ``s`` fixes the init and every batch, identically for
+Held-out list (never tuned on; the default recipe trains MLPs of depths 1–2, relu/tanh, on 8x8 digits / 8x8
+MNIST with widths 16–256 and on 28x28 MNIST with widths 16–64, and char transformers d 16–32, 1 layer,
+context ≤ 32 on comedies/histories/problems/roman/romances): see `HELD_OUT`. Each task runs ≥ 3 seeds; seed ``s`` fixes the init and every batch, identically for
 every optimizer. Baselines: AdamW (weight decay 0.01) at lr 1e-3 and at the best of 5 log-spaced lrs (best =
 lowest mean final loss over seeds). The rule runs as shipped (lr multiplier 1, no tuning).
 
@@ -60,13 +60,13 @@ class HeldOutTask:
 HELD_OUT = [
     HeldOutTask(
         "mnist28-mlp784-256-10-gelu",
-        "dataset (28x28 inputs), width 256 (2x), gelu",
+        "width 256 (4x the widest 28x28 MLP trained on), gelu",
         dict(family="mlp", dataset="mnist28", hidden=[256], activation="gelu", batch_size=128, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),
     HeldOutTask(
         "digits8-mlp-1024-silu",
-        "width 1024 (8x), silu",
+        "width 1024 (4x the widest 8x8 MLP trained on), silu",
         dict(family="mlp", dataset="digits8", hidden=[1024], activation="silu", batch_size=64, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),

@@ -415,6 +415,19 @@ if __name__ == "__main__":  # python -m optbundle.cli
 # ---- finetune ----------------------------------------------------------------------------------------------------
 
 
+def _recipe_overrides(items: list[str], command: str) -> dict:
+    """``--set KEY=VALUE`` options as a dict of YAML values."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"optbundle {command}: --set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a YAML recipe (path, or the name of one shipped in optbundle.recipes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -424,17 +437,9 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("finetune", help="run a fine-tuning recipe with the learned rule and with AdamW; print the results table",
             arguments=_finetune_arguments)
 def finetune(args: argparse.Namespace) -> int:
-    import yaml
-
     from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"optbundle finetune: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
     run_recipe(recipe)
     results = Path(recipe.optim.results_dir)
     print((results / "results.md").read_text())
@@ -450,17 +455,9 @@ def finetune(args: argparse.Namespace) -> int:
 @subcommand("refine", help="meta-refine a bundle's rule on a model + dataset recipe and save the refined bundle",
             arguments=_finetune_arguments)
 def refine(args: argparse.Namespace) -> int:
-    import yaml
-
     from .refine import load_refine_recipe, run_refine_recipe
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"optbundle refine: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    recipe = load_refine_recipe(args.recipe, overrides)
+    recipe = load_refine_recipe(args.recipe, _recipe_overrides(args.set, "refine"))
     result = run_refine_recipe(recipe)
     if result is None:
         print(f"stopped early (max_wall_time_s); run the same command again to resume from {recipe.config.out_dir}")

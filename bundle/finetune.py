@@ -79,10 +79,12 @@ class Recipe:
     name: str
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Parse a YAML recipe (plus ``overrides``) into TrainingArguments and optbundle's dataclasses."""
+def parse_recipe(path: str | Path, classes: tuple, overrides: dict[str, Any] | None = None,
+                 defaults: dict[str, Any] | None = None) -> tuple[Path, tuple]:
+    """Read a YAML recipe (a shipped name or a path), apply ``defaults`` then ``overrides``, and parse it with
+    `transformers.HfArgumentParser` into ``classes``; an unknown key is an error naming the file."""
     import yaml
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser
 
     from optbundle.recipes import recipe_path
 
@@ -90,14 +92,21 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of argument names to values")
-    data = {**data, **(overrides or {})}
-    data.setdefault("output_dir", "outputs/finetune/trainer")
-    data.setdefault("report_to", "none")
-    parser = HfArgumentParser((TrainingArguments, ModelArguments, DataArguments, OptimizerArguments))
+    data = {**(defaults or {}), **data, **(overrides or {})}
     try:
-        training, model, data_args, optim = parser.parse_dict(data, allow_extra_keys=False)
+        return path, HfArgumentParser(classes).parse_dict(data, allow_extra_keys=False)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Parse a YAML recipe (plus ``overrides``) into TrainingArguments and optbundle's dataclasses."""
+    from transformers import TrainingArguments
+
+    path, (training, model, data_args, optim) = parse_recipe(
+        path, (TrainingArguments, ModelArguments, DataArguments, OptimizerArguments), overrides,
+        defaults={"output_dir": "outputs/finetune/trainer", "report_to": "none"},
+    )
     return Recipe(training, model, data_args, optim, name=path.stem)
 
 

@@ -502,23 +502,13 @@ class RefineRecipe:
 
 def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RefineRecipe:
     """Parse a refinement recipe: the `finetune` model/data keys, `RefineSource` and `RefineConfig` keys."""
-    import yaml
-    from transformers import HfArgumentParser
-
-    from .finetune import DataArguments, ModelArguments
+    from .finetune import DataArguments, ModelArguments, parse_recipe
     from .recipes import recipe_path
 
-    path = recipe_path(str(path))
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a YAML mapping of argument names to values")
-    data = {**data, **(overrides or {})}
-    data.setdefault("name", path.stem)
-    parser = HfArgumentParser((ModelArguments, DataArguments, RefineSource, RefineConfig))
-    try:
-        model, data_args, source, config = parser.parse_dict(data, allow_extra_keys=False)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    stem = recipe_path(str(path)).stem
+    _, (model, data_args, source, config) = parse_recipe(
+        path, (ModelArguments, DataArguments, RefineSource, RefineConfig), dict(overrides or {}), defaults={"name": stem}
+    )
     config.max_tokens = data_args.max_length
     return RefineRecipe(model, data_args, source, config)
 

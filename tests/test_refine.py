@@ -138,7 +138,8 @@ def test_cli_refine_minilm_recipe(tmp_path, capsys):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "model: minilm\ntask: sequence-classification\nnum_labels: 2\ndataset: sms-spam\nmax_length: 32\n"
+        "model: minilm\ntask: sequence-classification\nnum_labels: 2\nlora_r: 4\nlora_target_modules: [query, value]\n"
+        "dataset: sms-spam\nmax_length: 32\n"
         "train_size: 64\neval_size: 32\nrule: adam-init\nlr: 0.05\nmeta_steps: 2\ntruncation: 2\n"
         "episode_length: [2, 4]\npairs: 1\nbatch_size: 4\nmeta_batch_size: 8\ncompare_steps: 2\nprogress: false\n"
         f"out_dir: {tmp_path / 'run'}\n"
@@ -149,3 +150,20 @@ def test_cli_refine_minilm_recipe(tmp_path, capsys):
     loaded = Bundle.from_pretrained(tmp_path / "run" / "bundle")
     assert loaded.rule.provenance["data"]["name"] == "sms-spam"
     assert loaded.rule.provenance["parent_rule"] == load_rule("adam-init").content_hash()
+    # the refined adapter bundle trains: a few learned steps lower the loss on a fixed batch
+    from optbundle.finetune import ModelArguments, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model="minilm"))
+    batch = tokenizer(["free prize call now", "see you at lunch", "win cash today", "ok thanks"], padding=True,
+                      return_tensors="pt")
+    labels = torch.tensor([1, 0, 1, 0])
+    model = loaded.model
+    optimizer, _ = loaded.optimizer(lr=5.0)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
