@@ -171,7 +171,7 @@ def table(result: dict[str, Any]) -> str:
         f"Recipe `recipes/{result['recipe']}.yaml`; {result['steps']} fine-tuning steps at batch {result['batch_size']}, "
         f"seeds {result['seeds']} (refinement used seed 0), test loss on {result['test_size']} fresh examples. "
         f"Refinement: {result['refine']['meta_steps']} meta-steps of PES (trainable `{cfg.get('trainable')}`, "
-        f"{cfg.get('pairs')} antithetic pairs, truncation {cfg.get('truncation')}), **{result['refine_wall_s']:.0f} s** "
+        f"{cfg.get('pairs')} antithetic pair(s), truncation {cfg.get('truncation')}), **{result['refine_wall_s']:.0f} s** "
         f"on one CPU thread; the comparison took {result['compare_wall_s']:.0f} s.",
         "",
         "| optimizer | lr | test loss (mean ± std over seeds) | vs best AdamW | diverged |",
