@@ -7,6 +7,8 @@
 Settings (recipes/refine-*.yaml):
 - ``minilm-vader``: MiniLM-L6 + LoRA (r=8, query/value) + classification head, VADER Amazon review snippets
   (sentiment > 0), a dataset the default rule never saw;
+- ``minilm-vader-default``: the same with the default rule (default-v2) as parent, adapting only its step-size
+  output (``trainable: output_scale``);
 - ``smollm2-shakespeare``: SmolLM2-135M + LoRA (r=8, q/v), Shakespeare language modelling.
 
 Protocol: the recipe refines the rule (``optbundle refine``; its bundle is reused if it exists, the wall time
@@ -49,6 +51,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
     "minilm-vader": dict(recipe="refine-minilm-vader", steps=60, quick_steps=10, seeds=[11, 12, 13],
                          adamw_lrs=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], test_size=400, eval_every=15),
+    "minilm-vader-default": dict(recipe="refine-minilm-vader-default", steps=60, quick_steps=10, seeds=[11, 12, 13],
+                                 adamw_lrs=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2], test_size=400, eval_every=15),
     "smollm2-shakespeare": dict(recipe="refine-smollm2-shakespeare", steps=20, quick_steps=4, seeds=[11, 12],
                                 adamw_lrs=[3e-4, 1e-3, 3e-3, 1e-2], test_size=64, eval_every=5),
 }
