@@ -38,3 +38,29 @@ def logged_losses(trainer) -> list[float]:
 
 def params_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads) -> None:
+    """Step ``opt`` once on finite gradients, then once with NaN in ``params[2]``'s gradient and inf in all of
+    ``params[0]``'s: those two tensors and their state stay untouched and count one skipped step; the others step."""
+    fill_grads(params, 0)
+    opt.step()
+    snapshot = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    fill_grads(params, 1)
+    params[2].grad[3, 4] = float("nan")
+    params[0].grad.fill_(float("inf"))
+    opt.step()
+    for i, p in enumerate(params):
+        if i in (0, 2):
+            assert torch.equal(p, snapshot[i])
+            assert int(opt.state[p]["skipped_steps"]) == 1
+            for key, value in states[i].items():
+                if key != "skipped_steps":
+                    assert torch.equal(opt.state[p][key], value), key
+        else:
+            assert not torch.equal(p, snapshot[i])
+            assert int(opt.state[p]["skipped_steps"]) == 0
+            assert int(opt.state[p]["step"]) == 2
+        assert all(torch.isfinite(v.float()).all() for v in opt.state[p].values())
+        assert torch.isfinite(p.float()).all()

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from helpers import assert_non_finite_gradient_skips_that_tensor_only  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
 from optbundle import features as F  # noqa: E402
 from optbundle import optimizer as O  # noqa: E402
@@ -177,26 +178,7 @@ def test_non_finite_gradient_skips_that_tensor_only(default_rule, monkeypatch):
     monkeypatch.setenv(O.BACKEND_ENV, "triton")
     params = make_params()
     opt = LearnedOptimizer(params, default_rule)
-    fill_grads(params, 0)
-    opt.step()
-    snapshot = [p.detach().clone() for p in params]
-    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    fill_grads(params, 1)
-    params[2].grad[3, 4] = float("nan")
-    params[0].grad.fill_(float("inf"))
-    opt.step()
-    for i, p in enumerate(params):
-        if i in (0, 2):
-            assert torch.equal(p, snapshot[i])
-            assert int(opt.state[p]["skipped_steps"]) == 1
-            for key, value in states[i].items():
-                if key != "skipped_steps":
-                    assert torch.equal(opt.state[p][key], value), key
-        else:
-            assert not torch.equal(p, snapshot[i])
-            assert int(opt.state[p]["skipped_steps"]) == 0
-            assert int(opt.state[p]["step"]) == 2
-        assert all(torch.isfinite(v.float()).all() for v in opt.state[p].values())
+    assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # exp overflows on purpose

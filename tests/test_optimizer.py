@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+from helpers import assert_non_finite_gradient_skips_that_tensor_only
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle import features as F
 
@@ -87,26 +88,7 @@ def test_standard_scheduler_scales_the_step(rule):
 def test_non_finite_gradient_skips_that_tensor_only(rule):
     params = make_params()
     opt = LearnedOptimizer(params, rule)
-    fill_grads(params, 0)
-    opt.step()
-    snapshot = [p.detach().clone() for p in params]
-    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    fill_grads(params, 1)
-    params[2].grad[3, 4] = float("nan")
-    params[0].grad.fill_(float("inf"))
-    opt.step()
-    for i, p in enumerate(params):
-        if i in (0, 2):
-            assert torch.equal(p, snapshot[i])
-            assert int(opt.state[p]["skipped_steps"]) == 1
-            for key, value in states[i].items():
-                if key != "skipped_steps":
-                    assert torch.equal(opt.state[p][key], value), key
-        else:
-            assert not torch.equal(p, snapshot[i])
-            assert int(opt.state[p]["skipped_steps"]) == 0
-        assert all(torch.isfinite(v.float()).all() for v in opt.state[p].values())
-        assert torch.isfinite(p.float()).all()
+    assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads)
 
 
 def test_non_finite_update_from_rule_is_refused():
