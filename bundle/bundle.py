@@ -57,6 +57,7 @@ from .format import (
     write_card_and_manifest,
 )
 from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
+from .roles import assign_roles
 from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,34 @@ def _is_peft_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
+
+
+def detect_regime(model: nn.Module) -> str:
+    """"finetune" for a model loaded from pretrained weights (a transformers model with a ``name_or_path``, or a
+    PEFT model), else "scratch" (a freshly built module). Picks the rule's recommended lr."""
+    base = getattr(model, "base_model", model)
+    for candidate in (model, base, getattr(base, "model", None)):
+        if candidate is None:
+            continue
+        if getattr(candidate, "name_or_path", "") or getattr(getattr(candidate, "config", None), "_name_or_path", ""):
+            return "finetune"
+    if type(model).__name__.startswith("Peft") or any("lora_" in n for n, _ in model.named_parameters()):
+        return "finetune"
+    return "scratch"
+
+
+def model_roles(model: nn.Module) -> dict[str, str]:
+    """Role of every parameter of ``model`` (`optbundle.roles`): names and shapes, plus module types
+    (``nn.Embedding`` parameters are embeddings whatever their name)."""
+    named = list(model.named_parameters())
+    roles = dict(zip((n for n, _ in named), assign_roles([(n, tuple(p.shape)) for n, p in named])))
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            for param_name, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if full in roles:
+                    roles[full] = "embedding"
+    return roles
 
 
 class Bundle:
@@ -161,10 +190,15 @@ class Bundle:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
+        roles = model_roles(model)
         groups: dict[str, list] = {}
         for name, param in named:
             groups.setdefault(self.rule_name_for(name), []).append((name, param))
-        param_groups = [{"params": params, "rule": rule_name} for rule_name, params in groups.items()]
+        param_groups = [
+            {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params]}
+            for rule_name, params in groups.items()
+        ]
+        overrides.setdefault("regime", detect_regime(model))
         optimizer = LearnedOptimizer(param_groups, self.rules, **overrides)
         if self.state:
             restored = optimizer.load_named_state(self.state)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .roles import is_orthogonalized, step_multiplier
 from .rule import RuleConfig
 
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -143,6 +144,42 @@ def adam_direction(config: RuleConfig, state: dict[str, torch.Tensor], batch_dim
     return m_hat / (torch.sqrt(v_hat) + config.adam_eps)
 
 
+def newton_schulz(x: torch.Tensor, config: RuleConfig) -> torch.Tensor:
+    """Approximate orthogonalization of the last two dims (Muon's quintic Newton–Schulz iteration).
+
+    ``x`` of shape ``(*B, R, C)``; returns a matrix of the same shape whose singular values lie near 1
+    (``ns_steps`` iterations of ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, after scaling X to unit Frobenius norm).
+    """
+    a, b, c = config.ns_coefficients
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    for _ in range(config.ns_steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transpose else x
+
+
+def orthogonal_direction(
+    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], residual: torch.Tensor, batch_dims: int
+) -> torch.Tensor:
+    """``matrix_rms · o / RMS(o)``, ``o = NewtonSchulz(m̃/RMS(m̃) + residual)`` over ``fan_out × fan_in``.
+
+    ``m̃ = β m + (1 − β) g`` is the Nesterov look-ahead of momentum ``orthogonal_momentum_index``; ``state``
+    holds the accumulators after this step's update.
+    """
+    index = config.orthogonal_momentum_index
+    beta = config.momentum_decays[index]
+    lookahead = beta * state["momentum"].select(batch_dims, index) + (1 - beta) * grad
+    unit = lookahead * torch.rsqrt(tensor_mean(lookahead * lookahead, batch_dims) + 1e-30)
+    x = unit + residual
+    shape = x.shape
+    matrix = x.reshape(*shape[: batch_dims + 1], -1)
+    o = newton_schulz(matrix, config).reshape(shape)
+    return config.matrix_rms * o * torch.rsqrt(tensor_mean(o * o, batch_dims) + 1e-30)
+
+
 def time_features(config: RuleConfig, step: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``tanh(t/τ − 1)`` for each τ in ``time_scales``; shape ``(*B, T)``. ``t`` counts completed steps."""
     scales = torch.tensor(config.time_scales, dtype=dtype, device=step.device)
@@ -251,8 +288,14 @@ def output_step(
     param: torch.Tensor,
     state: dict[str, torch.Tensor],
     batch_dims: int = 0,
+    grad: torch.Tensor | None = None,
+    role: str | None = None,
 ) -> torch.Tensor:
-    """Turn φ's output ``(*B, 2, N)`` into the step ``u`` of the param's shape (before ``lr``)."""
+    """Turn φ's output ``(*B, 2, N)`` into the step ``u`` of the param's shape (before ``lr``).
+
+    ``role`` (format-2 rules) selects the orthogonalized or the elementwise form of ``hybrid_residual`` and the
+    role/width multiplier (`roles.step_multiplier`); ``grad`` is needed for the orthogonalized form.
+    """
     shape = param.shape
     direction = network_output.select(-2, 0).reshape(shape)
     magnitude = network_output.select(-2, 1).reshape(shape)
@@ -264,6 +307,17 @@ def output_step(
     elif config.output == "adam_residual":
         scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
         step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+    elif config.output == "hybrid_residual":
+        tensor_shape = shape[batch_dims:]
+        if is_orthogonalized(config, role, tensor_shape):
+            scale = torch.exp(config.magnitude_bound * torch.tanh(tensor_mean(magnitude, batch_dims)))
+            step = config.step_mult * scale * orthogonal_direction(config, grad, state, direction, batch_dims)
+        else:
+            scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+            step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+        multiplier = step_multiplier(config, role, tensor_shape)
+        if multiplier != 1.0:
+            step = step * multiplier
     else:  # pragma: no cover
         raise ValueError(config.output)
     if config.param_scale:
@@ -281,12 +335,14 @@ def learned_update(
     lr: float | torch.Tensor = 1.0,
     weight_decay: float | torch.Tensor = 0.0,
     batch_dims: int = 0,
+    role: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One learned step of one parameter tensor (fp32 in, fp32 out).
 
     ``p' = p · (1 − lr · step_mult · weight_decay) − lr · u(features(p, g, state'), φ)`` where ``state'`` is
     the state after the accumulator update and the time features read the completed-step count before it.
-    Returns ``(p', state')``; nothing is modified in place.
+    ``role`` is the tensor's role (`roles.py`; format-2 rules read it). Returns ``(p', state')``; nothing is
+    modified in place.
     """
     time_step = state["step"]
     new_state = update_accumulators(config, grad, state, batch_dims)
@@ -295,7 +351,7 @@ def learned_update(
     normalizers = feature_normalizers(config, features)
     time = time_features(config, time_step, param.dtype) if config.num_time_inputs else None
     output = apply_network(config, weights, features, normalizers, time)
-    step = output_step(config, output, param, new_state, batch_dims)
+    step = output_step(config, output, param, new_state, batch_dims, grad=grad, role=role)
     if isinstance(lr, torch.Tensor):
         lr = lr.reshape((*lr.shape, *([1] * (param.dim() - lr.dim()))))
     new_param = param - lr * step

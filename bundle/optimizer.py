@@ -20,6 +20,7 @@ same state, so a checkpoint written by one resumes on another.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,7 +30,8 @@ import torch
 from . import fast_step
 from . import features as F
 from .format import StateMismatchError
-from .rule import LearnedRule
+from .roles import assign_roles, check_roles
+from .rule import REGIMES, LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +85,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params: parameters, ``(name, parameter)`` pairs, or param-group dicts (as for any torch optimizer).
             A group may name its rule with ``"rule": NAME`` when several rules are given.
         rule: a `LearnedRule`, or a mapping ``{name: LearnedRule}`` for layer-wise rules.
-        lr: multiplier on the rule's step (``1.0`` = the rule as meta-trained). LR schedulers scale it.
-        weight_decay: decoupled weight decay with AdamW's meaning at learning rate ``rule.config.step_mult``:
-            ``p ← p · (1 − lr · step_mult · weight_decay)``.
+        lr: the learning rate: ``p ← p − lr · u``. ``None`` (default) takes the rule's
+            ``recommended_lr[regime]``. For format-2 rules (``step_mult`` 1) the update ``u`` has AdamW's RMS,
+            so ``lr`` means what it means for AdamW; for format-1 rules it is a multiplier (1.0 = as
+            meta-trained) on a step of size ``step_mult``. LR schedulers scale it.
+        weight_decay: decoupled weight decay: ``p ← p · (1 − lr · step_mult · weight_decay)`` (AdamW's meaning).
+        regime: "scratch" (a freshly initialized model) or "finetune" (a pretrained one): picks the rule's
+            recommended lr when ``lr`` is None.
+
+    Each param group holds ``"roles"``, one role per parameter (`optbundle.roles`), assigned from the
+    parameter names (``(name, parameter)`` pairs) and shapes unless the group gives them; format-2 rules
+    treat hidden matrices, vectors, embeddings, heads and adapters differently.
 
     A tensor whose gradient (or whose proposed update) is not finite is left untouched for that step, and its
     ``skipped_steps`` counter grows; no NaN/inf reaches parameters or accumulators.
@@ -95,8 +105,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[Any],
         rule: LearnedRule | Mapping[str, LearnedRule],
-        lr: float = 1.0,
+        lr: float | None = None,
         weight_decay: float = 0.0,
+        regime: str = "scratch",
     ) -> None:
         if isinstance(rule, LearnedRule):
             rules = {DEFAULT_RULE_NAME: rule}
@@ -104,17 +115,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
             rules = dict(rule)
         else:
             raise TypeError(f"rule must be a LearnedRule or a non-empty mapping name -> LearnedRule, got {type(rule).__name__}")
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        if regime not in REGIMES:
+            raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+        self.regime = regime
+        if lr is None:
+            first = rules[DEFAULT_RULE_NAME] if DEFAULT_RULE_NAME in rules else next(iter(rules.values()))
+            lr = float(first.config.recommended_lr[regime])
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
         self.rules: dict[str, LearnedRule] = {name: r.requires_grad_(False) for name, r in rules.items()}
         self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
+        self._roles: dict[torch.Tensor, str | None] = {}  # filled from the groups' "roles" at each step
         super().__init__(params, dict(lr=float(lr), weight_decay=float(weight_decay), rule=default_rule))
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if group["rule"] not in self.rules:
                 raise ValueError(f"param group asks for rule {group['rule']!r}; known rules: {sorted(self.rules)}")
+            if "roles" in group:
+                group["roles"] = list(group["roles"])
+                check_roles(group["roles"], len(group["params"]), f"param group {index}")
+            else:
+                names = group.get("param_names") or [None] * len(group["params"])
+                group["roles"] = assign_roles([(n, tuple(p.shape)) for n, p in zip(names, group["params"])])
 
     # ---- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,7 +151,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             rule = self.rules[group["rule"]]
             by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for param in group["params"]:
+            roles = group.get("roles") or [None] * len(group["params"])
+            for param, role in zip(group["params"], roles):
+                self._roles[param] = role
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
@@ -150,6 +176,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
         lr, weight_decay = float(lr), float(weight_decay)
         backend = select_backend(device)
+        if config.output == "hybrid_residual" and backend != "reference":
+            _log_once("the %s output form runs on the reference back end", config.output)
+            backend = "reference"
         if backend == "triton":
             kernels = _triton_kernels()
             reason = kernels.unsupported_reason(config) if kernels is not None else "Triton unavailable"
@@ -207,7 +236,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
         new_param, new_state = F.learned_update(
-            config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay
+            config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay,
+            role=self._roles.get(param),
         )
         if not torch.isfinite(new_param).all():
             self._count_skip(param, "update")
@@ -224,6 +254,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         which would round fp32 accumulators of bf16/fp16 parameters (and even cast integer counters).
         """
         saved_state = state_dict["state"]
+        roles = [group.get("roles") for group in self.param_groups]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         if len(saved_ids) != len(params):
@@ -231,6 +262,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"optimizer state holds {len(saved_ids)} parameters, this optimizer has {len(params)}"
             )
         super().load_state_dict(state_dict)
+        for group, group_roles in zip(self.param_groups, roles):
+            if "roles" not in group and group_roles is not None:  # a state dict from before roles existed
+                group["roles"] = group_roles
         for pid, param in zip(saved_ids, params):
             if pid in saved_state:
                 self.state[param] = {

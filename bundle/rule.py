@@ -32,7 +32,7 @@ from .format import (
     save_safetensors_bytes,
 )
 
-RULE_FORMAT_VERSION = 1
+RULE_FORMAT_VERSION = 2
 RULE_CONFIG_NAME = "rule_config.json"
 RULE_WEIGHTS_NAME = "rule.safetensors"
 PROVENANCE_NAME = "provenance.json"
@@ -59,10 +59,29 @@ FEATURE_GROUPS = (
 #: The small_fc_lopt feature list (39 inputs with the default decays and time scales).
 SMALL_FC_LOPT_FEATURES = [g for g in FEATURE_GROUPS if g != "adam_direction"]
 
-OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual")
+OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual", "hybrid_residual")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
 SCHEDULES = ("constant",)
 FACTORED_DIMS = ("last_two",)
+#: Parameter roles (see `roles.py`): hidden matrices, 1-D tensors (biases, norms), embeddings, output heads,
+#: and adapter matrices (LoRA A/B).
+ROLES = ("matrix", "vector", "embedding", "head", "adapter")
+#: Training regimes a rule may recommend its own learning rate for (`LearnedOptimizer(regime=...)`).
+REGIMES = ("scratch", "finetune")
+WIDTH_SCALINGS = ("none", "mup")
+
+#: Values the fields added in rule format 2 take for a format-1 rule (which behaves exactly as before).
+V1_DEFAULTS: dict[str, Any] = {
+    "recommended_lr": {"scratch": 1.0, "finetune": 1.0},
+    "role_lr": {role: 1.0 for role in ROLES},
+    "orthogonal_roles": [],
+    "orthogonal_momentum_index": 0,
+    "ns_steps": 5,
+    "ns_coefficients": [3.4445, -4.7750, 2.0315],
+    "matrix_rms": 0.2,
+    "width_scaling": "none",
+    "base_fan_in": 128,
+}
 
 
 @dataclass
@@ -76,6 +95,19 @@ class RuleConfig:
       (Celo2-style: the rule picks the direction, ``lr``/the schedule picks the scale).
     - ``adam_residual``: ``u = step_mult · exp(magnitude_bound · tanh(a)) · (m̂/(√v̂ + adam_eps) + d)``: with a
       zero last layer this is exactly Adam with learning rate ``step_mult``.
+
+    - ``hybrid_residual`` (format 2): per tensor, by role. A tensor whose role is in ``orthogonal_roles`` (and
+      has ≥ 2 dims, viewed as ``fan_out × fan_in``) gets a Muon-like step
+      ``u = step_mult · exp(magnitude_bound · tanh(mean(a))) · matrix_rms · o / RMS(o)`` with
+      ``o = NewtonSchulz(m̃/RMS(m̃) + d)`` and ``m̃ = β m + (1 − β) g`` (Nesterov look-ahead of momentum
+      ``orthogonal_momentum_index``); every other tensor the ``adam_residual`` step. Both are then multiplied by
+      ``role_lr[role]`` and the width multiplier (``width_scaling: mup``: ``min(1, √(base_fan_in / fan_in))``
+      for orthogonalized matrices, ``min(1, base_fan_in / fan_in)`` for heads, 1 otherwise). With a zero last
+      layer this is Muon on hidden matrices and Adam elsewhere, at AdamW-equivalent update RMS.
+
+    ``recommended_lr`` is the ``lr`` the rule runs at when none is given, per regime ("scratch": a freshly
+    initialized model, "finetune": a pretrained one). For format-1 rules it is 1 (``lr`` is a multiplier on a
+    step whose size is ``step_mult``); format-2 rules with ``step_mult`` 1 take ``lr`` as AdamW's learning rate.
 
     With ``param_scale`` the step is further multiplied by ``max(RMS(p), param_scale_min)`` (VeLO/Celo-style
     relative updates). Weight decay is decoupled and scaled by ``step_mult``, so ``weight_decay`` means what it
@@ -105,6 +137,15 @@ class RuleConfig:
     param_scale: bool = False
     param_scale_min: float = 1e-3
     schedule: str = "constant"
+    recommended_lr: dict[str, float] = field(default_factory=lambda: dict(V1_DEFAULTS["recommended_lr"]))
+    role_lr: dict[str, float] = field(default_factory=lambda: dict(V1_DEFAULTS["role_lr"]))
+    orthogonal_roles: list[str] = field(default_factory=list)
+    orthogonal_momentum_index: int = 0
+    ns_steps: int = 5
+    ns_coefficients: list[float] = field(default_factory=lambda: list(V1_DEFAULTS["ns_coefficients"]))
+    matrix_rms: float = 0.2
+    width_scaling: str = "none"
+    base_fan_in: int = 128
     format_version: int = RULE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -225,10 +266,47 @@ class RuleConfig:
             raise bad("param_scale", f"must be true or false, got {self.param_scale!r}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        for name, keys in (("recommended_lr", REGIMES), ("role_lr", ROLES)):
+            table = getattr(self, name)
+            if not isinstance(table, dict) or set(table) != set(keys):
+                raise bad(name, f"must map exactly {', '.join(keys)} to numbers, got {table!r}")
+            for key, value in table.items():
+                if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                    raise bad(name, f"{key}: must be a finite positive number, got {value!r}")
+        if not isinstance(self.orthogonal_roles, list) or any(r not in ROLES for r in self.orthogonal_roles):
+            raise bad("orthogonal_roles", f"must be a list of roles from {', '.join(ROLES)}, got {self.orthogonal_roles!r}")
+        if self.orthogonal_roles and self.output != "hybrid_residual":
+            raise bad("orthogonal_roles", "only the 'hybrid_residual' output orthogonalizes; leave it empty")
+        if (
+            not isinstance(self.orthogonal_momentum_index, int)
+            or isinstance(self.orthogonal_momentum_index, bool)
+            or not 0 <= self.orthogonal_momentum_index < len(self.momentum_decays)
+        ):
+            raise bad("orthogonal_momentum_index", f"must index momentum_decays, got {self.orthogonal_momentum_index!r}")
+        if not isinstance(self.ns_steps, int) or isinstance(self.ns_steps, bool) or not 1 <= self.ns_steps <= 20:
+            raise bad("ns_steps", f"must be an integer in [1, 20], got {self.ns_steps!r}")
+        if (
+            not isinstance(self.ns_coefficients, list)
+            or len(self.ns_coefficients) != 3
+            or any(not _is_number(c) or not math.isfinite(c) for c in self.ns_coefficients)
+        ):
+            raise bad("ns_coefficients", f"must be three finite numbers (a, b, c), got {self.ns_coefficients!r}")
+        if not _is_number(self.matrix_rms) or not math.isfinite(self.matrix_rms) or self.matrix_rms <= 0:
+            raise bad("matrix_rms", f"must be a finite positive number, got {self.matrix_rms!r}")
+        if self.width_scaling not in WIDTH_SCALINGS:
+            raise bad("width_scaling", f"unknown value {self.width_scaling!r}; known: {', '.join(WIDTH_SCALINGS)}")
+        if not isinstance(self.base_fan_in, int) or isinstance(self.base_fan_in, bool) or self.base_fan_in <= 0:
+            raise bad("base_fan_in", f"must be a positive integer, got {self.base_fan_in!r}")
 
     # ---- (de)serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.format_version == 1:  # a format-1 rule serializes as it always did (same bytes, same hash)
+            for key, value in V1_DEFAULTS.items():
+                if data[key] != value:
+                    raise RuleConfigError(f"RuleConfig.{key}: needs format_version 2 (set it), got {data[key]!r}")
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "rule config") -> RuleConfig:
@@ -242,6 +320,8 @@ class RuleConfig:
                 "reads; upgrade optbundle to load this rule"
             )
         known = {f.name for f in dataclasses.fields(cls)}
+        if version == 1:  # format 1 predates these fields; its rules behave as they always did
+            data = {**{k: v for k, v in V1_DEFAULTS.items() if k not in data}, **data}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RuleConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")

@@ -202,10 +202,13 @@ def test_reparametrization_preserves_the_function():
     assert torch.allclose(task.loss(T.reparametrize(theta, scales, inverse=False), batch), task.loss(params, batch), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,recipe", [("default", "meta-train-default"), ("default-v1", "meta-train-default-v1")])
+@pytest.mark.parametrize(
+    "name,recipe",
+    [("default-v2", "meta-train-default-v2"), ("default-v1", "meta-train-default-v1")],
+)
 def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
-    # "default" aliases default-v2, the meta-trained rule of recipes/meta-train-default.yaml; default-v1 is the
-    # earlier one of recipes/meta-train-default-v1.yaml (its recipe was named meta-train-default then)
+    # default-v2 and default-v1 were made by recipes/meta-train-default-v2.yaml and -v1.yaml (each was named
+    # meta-train-default when it was trained, which their provenance records)
     from optbundle.meta.trainer import initial_rule, load_recipe
 
     rule = load_rule(name)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import features as F
+from ..roles import assign_roles
 from ..rule import LearnedRule, RuleConfig
 from . import tasks as T
 
@@ -112,6 +113,25 @@ def parameter_mask(config: RuleConfig, trainable: str | Sequence[str] = "all") -
 # ---- one vectorized inner step -----------------------------------------------------------------------
 
 
+def task_roles(task: T.Task, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Role of each stacked parameter (`optbundle.roles`, from names and per-copy shapes), cached on the task."""
+    roles = getattr(task, "_optbundle_roles", None)
+    if roles is None or set(roles) != set(params):
+        names = list(params)
+        roles = dict(zip(names, assign_roles([(k, tuple(params[k].shape[1:])) for k in names])))
+        try:
+            task._optbundle_roles = roles
+        except AttributeError:  # pragma: no cover - a task object that refuses attributes
+            pass
+    return roles
+
+
+def task_lr(config: RuleConfig, task: T.Task) -> float:
+    """The rule's recommended lr for the task's regime (``task.regime``, "scratch" when it has none): what the
+    optimizer runs at when the user gives no lr."""
+    return float(config.recommended_lr[getattr(task, "regime", "scratch")])
+
+
 def inner_step(
     config: RuleConfig,
     weights: Weights,
@@ -140,12 +160,14 @@ def inner_step(
         losses = task.loss(model_params, batch)
         grads = torch.autograd.grad(losses.sum(), leaves, retain_graph=differentiable)
     new_params, new_accumulators = {}, {}
+    roles = task_roles(task, params)
+    lr = task_lr(config, task)
     context = torch.enable_grad() if differentiable else torch.no_grad()
     with context:
         for name, leaf, grad in zip(names, leaves, grads):
             param = leaf if differentiable else leaf.detach()
             new_params[name], new_accumulators[name] = F.learned_update(
-                config, weights, param, grad.detach(), accumulators[name], batch_dims=1
+                config, weights, param, grad.detach(), accumulators[name], lr=lr, batch_dims=1, role=roles[name]
             )
     return (losses if differentiable else losses.detach()), new_params, new_accumulators
 
