@@ -13,7 +13,8 @@ State of one parameter tensor of shape ``S`` (all fp32; ``K`` momenta, ``J`` fac
 - ``second_moment``: ``(*B, *S)``, ``v ← β_v v + (1−β_v) g²``;
 - rank ≥ 2: ``row_second_moment`` ``(*B, J, *S[:-1])`` and ``col_second_moment`` ``(*B, J, *S[:-2], S[-1])``,
   EMAs of the column-mean and row-mean of ``g² + factored_eps`` over the last two dims;
-- rank < 2: ``full_second_moment`` ``(*B, J, *S)``, the EMA of ``g² + factored_eps`` itself.
+- rank < 2: ``full_second_moment`` ``(*B, J, *S)``, the EMA of ``g² + factored_eps`` itself;
+- format-2 rules whose features read no factored statistic keep neither (`keeps_factored_state`).
 
 No bias correction except in ``adam_direction`` / the ``adam_residual`` output, which use Adam's.
 """
@@ -51,6 +52,18 @@ def tensor_mean(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return x.mean(dim=dims, keepdim=True) if dims else x
 
 
+_FACTORED_FEATURES = frozenset({
+    "adafactor_grad", "row_second_moment", "col_second_moment", "rsqrt_row_second_moment",
+    "rsqrt_col_second_moment", "adafactor_momentum",
+})
+
+
+def keeps_factored_state(config: RuleConfig) -> bool:
+    """Whether the rule keeps factored second moments. Format-1 rules always do (their state layout is fixed);
+    format-2 rules only when a feature reads them (16 B/parameter instead of ≈28 for three momenta)."""
+    return config.format_version < 2 or any(name in _FACTORED_FEATURES for name in config.features)
+
+
 def is_factored(shape: Sequence[int]) -> bool:
     """Rank ≥ 2 tensors keep row/column statistics over their last two dims; others a full accumulator."""
     return len(shape) >= 2
@@ -78,6 +91,8 @@ def init_state(
         "momentum": torch.zeros((*batch_shape, k, *shape), **f32),
         "second_moment": torch.zeros((*batch_shape, *shape), **f32),
     }
+    if not keeps_factored_state(config):
+        return state
     if is_factored(shape):
         state["row_second_moment"] = torch.zeros((*batch_shape, j, *shape[:-1]), **f32)
         state["col_second_moment"] = torch.zeros((*batch_shape, j, *shape[:-2], shape[-1]), **f32)
@@ -97,6 +112,8 @@ def update_accumulators(
     new["momentum"] = beta_m * state["momentum"] + (1 - beta_m) * g
     beta_v = config.second_moment_decay
     new["second_moment"] = beta_v * state["second_moment"] + (1 - beta_v) * grad * grad
+    if not keeps_factored_state(config):
+        return new
     g2 = g * g + config.factored_eps
     if rank >= 2:
         beta_row = _decay_view(config.factored_decays, rank - 1, grad)

@@ -308,3 +308,20 @@ def test_finetune_episode_starts_from_cached_pretrained_body(tmp_path, monkeypat
         assert not any(torch.equal(params["layer1.weight"][c], w) for w in cached["layer1.weight"])
     scratch = T.build_task({k: v for k, v in spec.items() if not k.startswith("pretrain")})
     assert not torch.equal(scratch.init_params(torch.Generator().manual_seed(0), 3)["layer0.weight"], params["layer0.weight"])
+
+
+def test_format2_state_is_16_bytes_per_parameter():
+    rule = hybrid_rule()
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = LearnedOptimizer(model.named_parameters(), rule)
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    per_param = {
+        n: sum(v.numel() * v.element_size() for v in opt.state[p].values() if v.dim() > 0) / p.numel()
+        for n, p in model.named_parameters()
+    }
+    assert set(per_param.values()) == {16.0}  # three momenta + the second moment, fp32
+    # format-1 rules keep their layout (factored statistics included)
+    v1 = LearnedOptimizer(model.named_parameters(), load_rule("adam-init"))
+    v1.step()
+    assert "row_second_moment" in v1.state[model[0].weight]
