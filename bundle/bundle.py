@@ -10,6 +10,7 @@ weights and a ``bundle.json`` manifest that lists every file with its size and s
     optimizer/state.safetensors           # optional: accumulators keyed "<param name>:<state key>"
     optimizer/state.json                  # optional: per-parameter shape, dtype, step, skipped steps
     optimizer/routing.json                # layer-wise bundles: which parameters each extra rule updates
+    optimizer/roles.json                  # format-2 rules: the role of every trainable parameter (roles.py)
     optimizer/rules/<name>/...            # layer-wise bundles: the extra rules (same files as a rule)
     bundle.json, README.md
 
@@ -58,7 +59,7 @@ from .format import (
 )
 from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
 from .roles import assign_roles
-from .rule import LearnedRule
+from .rule import REGIMES, ROLES, LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ STATE_FORMAT_VERSION = 1
 ROUTING_FORMAT_VERSION = 1
 TORCH_WEIGHTS_NAME = "model.safetensors"
 ROUTING_NAME = "routing.json"
+ROLES_NAME = "roles.json"
+ROLES_FORMAT_VERSION = 1
 RULES_DIR = "rules"
 
 NamedState = dict[str, dict[str, torch.Tensor]]
@@ -137,6 +140,8 @@ class Bundle:
         state: LearnedOptimizer | Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         tokenizer: Any = None,
         routing: Sequence[tuple[str, str]] | None = None,
+        roles: Mapping[str, str] | None = None,
+        regime: str | None = None,
     ) -> None:
         if isinstance(rule, LearnedRule):
             rules = {DEFAULT_RULE_NAME: rule}
@@ -157,6 +162,19 @@ class Bundle:
         self.model = model
         self.rules = rules
         self.tokenizer = tokenizer
+        #: parameter name → role, overriding the automatic assignment (`model_roles`); saved in roles.json
+        self.roles: dict[str, str] = dict(roles or {})
+        names = {n for n, _ in model.named_parameters()}
+        for name, role in self.roles.items():
+            if name not in names:
+                raise ValueError(f"roles: the model has no parameter named {name!r}")
+            if role not in ROLES:
+                raise ValueError(f"roles: {name!r} has unknown role {role!r}; known roles: {', '.join(ROLES)}")
+        if regime is not None and regime not in REGIMES:
+            raise ValueError(f"regime must be one of {', '.join(REGIMES)} or None (detect), got {regime!r}")
+        #: "scratch" / "finetune", or None to detect it from the model (`detect_regime`); a bundle loaded with
+        #: `from_pretrained` holds trained weights, so it is "finetune"
+        self.regime = regime
         self.state: NamedState | None = None
         if state is not None:
             self.set_state(state)
@@ -190,7 +208,7 @@ class Bundle:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
-        roles = model_roles(model)
+        roles = {**model_roles(model), **self.roles}
         groups: dict[str, list] = {}
         for name, param in named:
             groups.setdefault(self.rule_name_for(name), []).append((name, param))
@@ -198,7 +216,7 @@ class Bundle:
             {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params]}
             for rule_name, params in groups.items()
         ]
-        overrides.setdefault("regime", detect_regime(model))
+        overrides.setdefault("regime", self.regime or detect_regime(model))
         optimizer = LearnedOptimizer(param_groups, self.rules, **overrides)
         if self.state:
             restored = optimizer.load_named_state(self.state)
@@ -279,6 +297,13 @@ class Bundle:
                         "rules": sorted(self.rules),
                         "routes": [{"pattern": p, "rule": r} for p, r in self.routing],
                     },
+                )
+            if any(rule.config.format_version >= 2 for rule in self.rules.values()):
+                roles = {**model_roles(self.model), **self.roles}
+                trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+                atomic_write_json(
+                    opt_dir / ROLES_NAME,
+                    {"format_version": ROLES_FORMAT_VERSION, "roles": {n: roles[n] for n in trainable}},
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype)
@@ -383,9 +408,31 @@ class Bundle:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing)
+        roles = read_roles(directory / OPTIMIZER_DIR, loaded_model)
+        bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime="finetune")
         bundle.state = state
         return bundle
+
+
+def read_roles(opt_dir: Path, model: nn.Module) -> dict[str, str]:
+    """``roles.json`` (if present): parameter name → role, checked against the roles and the model's names."""
+    path = opt_dir / ROLES_NAME
+    if not path.exists():
+        return {}
+    info = read_json_file(path)
+    if not isinstance(info, dict) or not isinstance(info.get("roles"), dict):
+        raise CorruptFileError(f"{path}: expected an object with a 'roles' mapping")
+    if not isinstance(info.get("format_version"), int) or info["format_version"] > ROLES_FORMAT_VERSION:
+        from .format import FormatVersionError
+
+        raise FormatVersionError(f"{path}: format_version {info.get('format_version')!r} is not one this optbundle reads")
+    names = {n for n, _ in model.named_parameters()}
+    for name, role in info["roles"].items():
+        if role not in ROLES:
+            raise CorruptFileError(f"{path}: parameter {name!r} has unknown role {role!r}")
+        if name not in names:
+            raise CorruptFileError(f"{path}: names parameter {name!r}, which the bundle's model does not have")
+    return dict(info["roles"])
 
 
 def read_rules(opt_dir: Path) -> tuple[dict[str, LearnedRule], list[tuple[str, str]]]:

@@ -408,10 +408,6 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m optbundle.cli
-    sys.exit(main())
-
-
 # ---- finetune ----------------------------------------------------------------------------------------------------
 
 
@@ -472,3 +468,7 @@ def refine(args: argparse.Namespace) -> int:
               f"refined {numbers['held_out_loss_refined']:.4f} (ratio {numbers['ratio']:.3f})")
         print(f"plot: {Path(recipe.config.out_dir) / 'refinement.png'}")
     return 0
+
+
+if __name__ == "__main__":  # python -m optbundle.cli (after every subcommand above is registered)
+    sys.exit(main())

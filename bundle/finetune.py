@@ -61,7 +61,12 @@ class DataArguments:
 @dataclass
 class OptimizerArguments:
     rule: str = field(default="default", metadata={"help": "shipped rule name, rule folder, bundle folder or Hub id"})
-    rule_lrs: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "learned-rule lr multipliers"})
+    rule_default_lr: bool = field(
+        default=True, metadata={"help": "run the learned rule at its own recommended lr (bundle.optimizer() with no lr)"}
+    )
+    rule_lrs: list[float] = field(
+        default_factory=list, metadata={"help": "extra learned-rule runs at these lrs (format-1 rules: multipliers)"}
+    )
     adamw_lrs: list[float] = field(default_factory=lambda: [HF_DEFAULT_LR], metadata={"help": "AdamW lr sweep"})
     adamw_weight_decay: float = field(default=0.0)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -204,13 +209,17 @@ def _accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def run_one(recipe: Recipe, optimizer_name: str, lr: float, seed: int, train, eval_, tokenizer, rule) -> dict[str, Any]:
-    """One fine-tuning run; returns its row (losses, accuracy, wall time, loss curve)."""
+def run_one(
+    recipe: Recipe, optimizer_name: str, lr: float | None, seed: int, train, eval_, tokenizer, rule
+) -> dict[str, Any]:
+    """One fine-tuning run; returns its row (losses, accuracy, wall time, loss curve). ``lr=None``: the learned
+    rule at its recommended lr for the model's regime (what ``bundle.optimizer()`` does with no arguments)."""
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
 
     model = load_model(recipe.model, seed, tokenizer)
     args = copy.deepcopy(recipe.training)
-    args.output_dir = str(Path(recipe.optim.results_dir) / "runs" / f"{optimizer_name}-lr{lr:g}-seed{seed}")
+    lr_tag = "default" if lr is None else f"{lr:g}"
+    args.output_dir = str(Path(recipe.optim.results_dir) / "runs" / f"{optimizer_name}-lr{lr_tag}-seed{seed}")
     args.seed = seed
     args.save_strategy = "no"
     classification = recipe.model.task == "sequence-classification"
@@ -219,7 +228,7 @@ def run_one(recipe: Recipe, optimizer_name: str, lr: float, seed: int, train, ev
     bundle = None
     if optimizer_name == "learned":
         bundle = Bundle(model, rule, tokenizer=tokenizer)
-        kwargs["optimizers"] = bundle.optimizer(lr=lr)
+        kwargs["optimizers"] = bundle.optimizer() if lr is None else bundle.optimizer(lr=lr)
     else:
         args.learning_rate = lr
         args.weight_decay = recipe.optim.adamw_weight_decay
@@ -232,6 +241,9 @@ def run_one(recipe: Recipe, optimizer_name: str, lr: float, seed: int, train, ev
     metrics = trainer.evaluate()
     curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     tail = [loss for _, loss in curve[-3:]]
+    if lr is None:
+        lr = kwargs["optimizers"][0].param_groups[0]["lr"]
+        optimizer_name = "learned-default"
     row = {
         "optimizer": optimizer_name, "lr": lr, "seed": seed, "steps": trainer.state.global_step,
         "final_train_loss": sum(tail) / len(tail) if tail else float("nan"),
@@ -253,12 +265,13 @@ def run_recipe(recipe: Recipe) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(recipe.model)
     train, eval_ = build_datasets(recipe.data, recipe.model, tokenizer)
     rule = load_rule(recipe.optim.rule)
-    plan = [("learned", lr) for lr in recipe.optim.rule_lrs] + [("adamw", lr) for lr in recipe.optim.adamw_lrs]
+    plan = [("learned", None)] if recipe.optim.rule_default_lr else []
+    plan += [("learned", lr) for lr in recipe.optim.rule_lrs] + [("adamw", lr) for lr in recipe.optim.adamw_lrs]
     rows = []
     best_learned = None
     for seed in recipe.optim.seeds:
         for name, lr in plan:
-            logger.info("run %s lr=%g seed=%d", name, lr, seed)
+            logger.info("run %s lr=%s seed=%d", name, "rule default" if lr is None else f"{lr:g}", seed)
             row = run_one(recipe, name, lr, seed, train, eval_, tokenizer, rule)
             bundle = row.pop("_bundle", None)
             if bundle is not None and (best_learned is None or row["eval_loss"] < best_learned[0]):
@@ -292,7 +305,7 @@ def results_table(recipe: Recipe, rows: list[dict[str, Any]], rule) -> str:
         f"{rows[0]['steps'] if rows else 0} steps, batch {recipe.training.per_device_train_batch_size}, "
         f"seeds {recipe.optim.seeds}. Learned rule: `{recipe.optim.rule}` (hash {rule.content_hash()[:12]}, "
         f"{rule.provenance.get('method', 'unknown method')}, meta_trained={rule.provenance.get('meta_trained')}); "
-        "the learned rule runs with a constant lr multiplier, AdamW with the recipe's schedule "
+        "the learned rule runs at a constant lr (its own scheduler), AdamW with the recipe's schedule "
         f"(`{recipe.training.lr_scheduler_type.value if hasattr(recipe.training.lr_scheduler_type, 'value') else recipe.training.lr_scheduler_type}`).",
         "",
         "| optimizer | lr | final train loss | eval loss | eval accuracy | wall s/run |",
@@ -304,7 +317,10 @@ def results_table(recipe: Recipe, rows: list[dict[str, Any]], rule) -> str:
             keys.append((r["optimizer"], r["lr"]))
     for name, lr in keys:
         group = [r for r in rows if (r["optimizer"], r["lr"]) == (name, lr)]
-        label = "learned (lr multiplier)" if name == "learned" else ("AdamW (HF default)" if lr == HF_DEFAULT_LR else "AdamW")
+        label = {
+            "learned-default": "learned, the rule's default lr",
+            "learned": "learned (lr multiplier)" if rule.config.format_version < 2 else "learned",
+        }.get(name, "AdamW (HF default)" if lr == HF_DEFAULT_LR else "AdamW")
         acc = [r["eval_accuracy"] for r in group]
         lines.append(
             f"| {label} | {lr:g} | {_mean_std([r['final_train_loss'] for r in group])} | "
@@ -325,7 +341,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         if not r["curve"]:
             continue
         steps, losses = zip(*r["curve"])
-        style = "-" if r["optimizer"] == "learned" else "--"
+        style = "-" if r["optimizer"].startswith("learned") else "--"
         ax.plot(steps, losses, style, label=f"{r['optimizer']} lr={r['lr']:g} seed={r['seed']}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from optbundle import Bundle
+from optbundle import Bundle, load_rule
 from optbundle.cli import main
 from optbundle.finetune import load_recipe
 
@@ -17,15 +17,19 @@ def test_minilm_recipe_runs_offline_and_writes_table_plot_and_bundle(tmp_path, c
     status = main([
         "finetune", "recipes/minilm-sms-spam.yaml",
         "--set", "max_steps=4", "--set", "train_size=64", "--set", "eval_size=32", "--set", "logging_steps=1",
-        "--set", "rule_lrs=[0.1]", "--set", "adamw_lrs=[0.00005,0.0002]",
+        "--set", "rule_lrs=[0.0001]", "--set", "adamw_lrs=[0.00005,0.0002]",
         "--set", f"results_dir={out}", "--set", f"bundle_output={out / 'bundle'}",
         "--set", f"output_dir={out / 'trainer'}",
     ])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "| learned (lr multiplier) | 0.1 |" in printed and "| AdamW (HF default) | 5e-05 |" in printed
+    default_lr = load_rule("default").config.recommended_lr["finetune"]  # MiniLM is pretrained
+    assert f"| learned, the rule's default lr | {default_lr:g} |" in printed
+    assert "| AdamW (HF default) | 5e-05 |" in printed
     rows = json.loads((out / "results.json").read_text())
-    assert {(r["optimizer"], r["lr"]) for r in rows} == {("learned", 0.1), ("adamw", 5e-05), ("adamw", 0.0002)}
+    assert {(r["optimizer"], r["lr"]) for r in rows} == {
+        ("learned-default", default_lr), ("learned", 0.0001), ("adamw", 5e-05), ("adamw", 0.0002)
+    }
     for r in rows:
         assert r["steps"] == 4 and 0 < r["eval_loss"] < 5 and 0 <= r["eval_accuracy"] <= 1
     assert (out / "loss_curves.png").stat().st_size > 1000

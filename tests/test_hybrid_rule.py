@@ -325,3 +325,37 @@ def test_format2_state_is_16_bytes_per_parameter():
     v1 = LearnedOptimizer(model.named_parameters(), load_rule("adam-init"))
     v1.step()
     assert "row_second_moment" in v1.state[model[0].weight]
+
+
+def test_bundle_records_roles_and_knows_it_is_pretrained(tmp_path):
+    from helpers import digits_bert
+
+    from optbundle.bundle import read_roles
+    from optbundle.format import CorruptFileError
+
+    model = digits_bert()
+    override = {"bert.pooler.dense.weight": "head"}
+    bundle = Bundle(model, hybrid_rule(), roles=override)
+    opt, _ = bundle.optimizer()
+    assert opt.param_groups[0]["lr"] == 1e-2  # a fresh model: the rule's scratch lr
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    roles = dict(zip(names, opt.param_groups[0]["roles"]))
+    assert roles["bert.pooler.dense.weight"] == "head" and roles["bert.encoder.layer.0.attention.self.query.weight"] == "matrix"
+    bundle.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "optimizer" / "roles.json").read_text())["roles"]
+    assert saved == roles
+    loaded = Bundle.from_pretrained(tmp_path / "b")
+    assert loaded.regime == "finetune" and loaded.roles == roles
+    opt, _ = loaded.optimizer()
+    assert opt.param_groups[0]["lr"] == 1e-4 and dict(zip(names, opt.param_groups[0]["roles"])) == roles
+    # a format-1 bundle writes no roles file
+    Bundle(model, load_rule("default-v2")).save_pretrained(tmp_path / "v1")
+    assert not (tmp_path / "v1" / "optimizer" / "roles.json").exists()
+    with pytest.raises(ValueError, match="unknown role"):
+        Bundle(model, hybrid_rule(), roles={"classifier.weight": "readout"})
+    with pytest.raises(ValueError, match="no parameter named"):
+        Bundle(model, hybrid_rule(), roles={"nope.weight": "matrix"})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "roles.json").write_text(json.dumps({"format_version": 1, "roles": {"classifier.weight": "x"}}))
+    with pytest.raises(CorruptFileError, match="unknown role"):
+        read_roles(tmp_path / "bad", model)
