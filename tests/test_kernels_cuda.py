@@ -41,14 +41,14 @@ def on_cuda(step_fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rule_name", ["default", "adam-init"])
+@pytest.mark.parametrize("rule_name", ["default-v2", "adam-init"])
 def test_parity_small_shapes_20_steps(rule_name, dtype):
     rule = load_rule(rule_name)
     lr = 1.0 if rule.config.param_scale else 20.0
     on_cuda(fused)(rule.config, rule, SHAPES, dtype, 20, lr)
 
 
-@pytest.mark.parametrize("rule_name", ["default", "adam-init"])
+@pytest.mark.parametrize("rule_name", ["default-v2", "adam-init"])
 def test_parity_large_shapes(rule_name):
     rule = load_rule(rule_name)
     on_cuda(fused)(rule.config, rule, LARGE, torch.float32, 3, 1.0)
@@ -62,7 +62,7 @@ def test_check_path_on_the_gpu():
 def test_optimizer_dispatches_to_the_kernels_and_skips_non_finite(monkeypatch):
     monkeypatch.delenv(O.BACKEND_ENV, raising=False)
     assert O.select_backend(CUDA) == "triton"
-    rule = load_rule("default")
+    rule = load_rule("default-v2")
     params = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in SHAPES]
     opt = LearnedOptimizer(params, rule)
     for p in params:

@@ -204,10 +204,10 @@ def test_reparametrization_preserves_the_function():
 
 @pytest.mark.parametrize(
     "name,recipe",
-    [("default-v2", "meta-train-default-v2"), ("default-v1", "meta-train-default-v1")],
+    [("default", "meta-train-default"), ("default-v2", "meta-train-default-v2"), ("default-v1", "meta-train-default-v1")],
 )
 def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
-    # default-v2 and default-v1 were made by recipes/meta-train-default-v2.yaml and -v1.yaml (each was named
+    # "default" is default-v3, made by recipes/meta-train-default.yaml; default-v2 and default-v1 were made by recipes/meta-train-default-v2.yaml and -v1.yaml (each was named
     # meta-train-default when it was trained, which their provenance records)
     from optbundle.meta.trainer import initial_rule, load_recipe
 

@@ -15,7 +15,7 @@ from optbundle import Bundle, LearnedOptimizer, load_rule
 
 def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     bundle = Bundle(digits_model(), load_rule("default"))
-    optimizer, scheduler = bundle.optimizer(lr=1.0)  # the default rule as shipped
+    optimizer, scheduler = bundle.optimizer()  # the default rule as shipped: its own lr for a fresh model
     trainer = Trainer(model=bundle.model, args=trainer_args(tmp_path, 200), train_dataset=digits_dataset(),
                       optimizers=(optimizer, scheduler))
     trainer.train()
@@ -23,8 +23,8 @@ def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
     assert isinstance(trainer.optimizer.optimizer, LearnedOptimizer)  # accelerate wraps ours
-    # the constant schedule kept the multiplier (Trainer's default would have decayed it to 0)
-    assert optimizer.param_groups[0]["lr"] == 1.0
+    # the constant schedule kept the rule's lr (Trainer's default would have decayed it to 0)
+    assert optimizer.param_groups[0]["lr"] == bundle.rule.config.recommended_lr["scratch"]
     # a bundle saved after training carries the accumulators and loads back
     bundle.set_state(optimizer)
     loaded = Bundle.from_pretrained(bundle.save_pretrained(tmp_path / "bundle"))
@@ -36,9 +36,9 @@ def test_resume_from_trainer_checkpoint_is_exact(tmp_path, path):
     def run(out, resume=None):
         bundle = Bundle(digits_model(), load_rule("default"))
         if path == "optimizers":
-            kwargs = dict(optimizers=bundle.optimizer(lr=2.0))
+            kwargs = dict(optimizers=bundle.optimizer())
         else:
-            kwargs = dict(optimizer_cls_and_kwargs=bundle.optimizer_factory(lr=2.0))
+            kwargs = dict(optimizer_cls_and_kwargs=bundle.optimizer_factory())
         args = trainer_args(out, 12, save_strategy="steps", save_steps=6)
         trainer = Trainer(model=bundle.model, args=args, train_dataset=digits_dataset(256), **kwargs)
         trainer.train(resume_from_checkpoint=resume)

@@ -127,7 +127,7 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         # 1/accumulation scaling, although BERT's loss ignores it: gradients come out `accumulation`× larger.
         # This flag restores the scaling so the two runs see the same gradients.
         model.accepts_loss_kwargs = False
-        optimizer = RecordingOptimizer(list(model.named_parameters()), load_rule("default"), lr=2.0)
+        optimizer = RecordingOptimizer(list(model.named_parameters()), load_rule("default-v2"), lr=2.0)
         optimizer.seen_norms = []
         args = trainer_args(tmp_path / f"{batch}", 8, per_device_train_batch_size=batch,
                             gradient_accumulation_steps=accumulation)
