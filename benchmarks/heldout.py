@@ -482,6 +482,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--verbose", action="store_true", help="also print each optimizer setting as it finishes")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/heldout[-quick])")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="write one report from the JSON files of runs over disjoint task subsets (same rule)")
     args = parser.parse_args()
     known = [t.name for t in HELD_OUT]
     unknown = sorted(set(args.tasks or []) - set(known))
@@ -492,6 +494,15 @@ def main() -> None:
     rule.requires_grad_(False)
     stem = args.out or RESULTS / ("heldout-quick" if args.quick else "heldout")
     stem.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        order = [spec.name for spec in HELD_OUT]
+        results = sorted((r for part in parts for r in part["results"]), key=lambda r: order.index(r["task"]))
+        args.tasks = None
+        args.quick = any(part["quick"] for part in parts)
+        args.seeds = min(part["seeds"] for part in parts)
+        write_outputs(results, rule, rule_label, args, stem, sum(part["seconds"] for part in parts))
+        return
     start = time.time()
     results = []
     for spec in HELD_OUT:

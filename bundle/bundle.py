@@ -303,7 +303,12 @@ class Bundle:
                 trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
                 atomic_write_json(
                     opt_dir / ROLES_NAME,
-                    {"format_version": ROLES_FORMAT_VERSION, "roles": {n: roles[n] for n in trainable}},
+                    {
+                        "format_version": ROLES_FORMAT_VERSION,
+                        "roles": {n: roles[n] for n in trainable},
+                        # the regime the accumulators were built in: a load WITH state continues in it
+                        "regime": self.regime or detect_regime(self.model),
+                    },
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype)
@@ -408,17 +413,20 @@ class Bundle:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        roles = read_roles(directory / OPTIMIZER_DIR, loaded_model)
-        bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime="finetune")
+        roles, trained_regime = read_roles(directory / OPTIMIZER_DIR, loaded_model)
+        # loaded weights are trained weights: fine-tuning, unless the shipped accumulators continue a run
+        regime = trained_regime if state is not None and trained_regime else "finetune"
+        bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime=regime)
         bundle.state = state
         return bundle
 
 
-def read_roles(opt_dir: Path, model: nn.Module) -> dict[str, str]:
-    """``roles.json`` (if present): parameter name → role, checked against the roles and the model's names."""
+def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | None]:
+    """``roles.json`` (if present): parameter name → role (checked against the roles and the model's names), and
+    the regime the saved accumulators were built in."""
     path = opt_dir / ROLES_NAME
     if not path.exists():
-        return {}
+        return {}, None
     info = read_json_file(path)
     if not isinstance(info, dict) or not isinstance(info.get("roles"), dict):
         raise CorruptFileError(f"{path}: expected an object with a 'roles' mapping")
@@ -432,7 +440,10 @@ def read_roles(opt_dir: Path, model: nn.Module) -> dict[str, str]:
             raise CorruptFileError(f"{path}: parameter {name!r} has unknown role {role!r}")
         if name not in names:
             raise CorruptFileError(f"{path}: names parameter {name!r}, which the bundle's model does not have")
-    return dict(info["roles"])
+    regime = info.get("regime")
+    if regime is not None and regime not in REGIMES:
+        raise CorruptFileError(f"{path}: unknown regime {regime!r}; known: {', '.join(REGIMES)}")
+    return dict(info["roles"]), regime
 
 
 def read_rules(opt_dir: Path) -> tuple[dict[str, LearnedRule], list[tuple[str, str]]]:

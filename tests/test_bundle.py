@@ -55,6 +55,7 @@ def test_layout_and_round_trip(trained):
     names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     assert names == sorted([
         "README.md", "bundle.json", "config.json", "model.safetensors", "optimizer/provenance.json",
+        "optimizer/roles.json",  # the default rule is format 2: it routes by parameter role
         "optimizer/rule.safetensors", "optimizer/rule_config.json", "optimizer/state.json",
         "optimizer/state.safetensors",
     ])

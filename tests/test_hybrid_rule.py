@@ -342,9 +342,9 @@ def test_bundle_records_roles_and_knows_it_is_pretrained(tmp_path):
     roles = dict(zip(names, opt.param_groups[0]["roles"]))
     assert roles["bert.pooler.dense.weight"] == "head" and roles["bert.encoder.layer.0.attention.self.query.weight"] == "matrix"
     bundle.save_pretrained(tmp_path / "b")
-    saved = json.loads((tmp_path / "b" / "optimizer" / "roles.json").read_text())["roles"]
-    assert saved == roles
-    loaded = Bundle.from_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "optimizer" / "roles.json").read_text())
+    assert saved["roles"] == roles and saved["regime"] == "scratch"
+    loaded = Bundle.from_pretrained(tmp_path / "b")  # no optimizer state: trained weights to fine-tune
     assert loaded.regime == "finetune" and loaded.roles == roles
     opt, _ = loaded.optimizer()
     assert opt.param_groups[0]["lr"] == 1e-4 and dict(zip(names, opt.param_groups[0]["roles"])) == roles
@@ -359,3 +359,11 @@ def test_bundle_records_roles_and_knows_it_is_pretrained(tmp_path):
     (tmp_path / "bad" / "roles.json").write_text(json.dumps({"format_version": 1, "roles": {"classifier.weight": "x"}}))
     with pytest.raises(CorruptFileError, match="unknown role"):
         read_roles(tmp_path / "bad", model)
+    # with its accumulators a bundle continues the run in the regime it was trained in
+    run_opt, _ = bundle.optimizer()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    run_opt.step()
+    bundle.set_state(run_opt)
+    bundle.save_pretrained(tmp_path / "with-state")
+    assert Bundle.from_pretrained(tmp_path / "with-state").regime == "scratch"

@@ -34,7 +34,7 @@ def main() -> None:
     bundle = Bundle(model, load_rule("default"))
     ddp = {"ddp_backend": "gloo", "ddp_find_unused_parameters": False} if world > 1 else {}
     args = trainer_args(out / "trainer", 6, per_device_train_batch_size=GLOBAL_BATCH // world, **ddp)
-    trainer = Trainer(model=model, args=args, train_dataset=digits_dataset(GLOBAL_BATCH), optimizers=bundle.optimizer(lr=2.0))
+    trainer = Trainer(model=model, args=args, train_dataset=digits_dataset(GLOBAL_BATCH), optimizers=bundle.optimizer())
     trainer.train()
     params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
     save_file(params, str(out / f"world{world}-rank{rank}.safetensors"))
