@@ -35,8 +35,8 @@ clean:
 # ---- longer jobs (each one command; results land in benchmarks/results/) ----
 .PHONY: meta-train-default refine-minilm bench-refine bench-heldout bench-heldout-quick bench-throughput bench-step-speed bench-overhead recipe-smollm2
 
-meta-train-default: $(STAMP)   # ≈45 min on a free core; resumes from runs/meta-train-default/checkpoints after a kill
-	$(PY) -m optbundle.meta.train meta-train-default --ship default-v2
+meta-train-default: $(STAMP)   # ≈70 min on one shared core (470 meta-steps); resumes from runs/meta-train-default/checkpoints after a kill
+	$(PY) -m optbundle.meta.train meta-train-default --ship default-v3
 
 refine-minilm: $(STAMP)   # ≈25 min: meta-refine adam-init for MiniLM LoRA on VADER; resumable
 	$(PY) -m optbundle.cli refine recipes/refine-minilm-vader.yaml
