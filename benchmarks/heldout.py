@@ -539,7 +539,7 @@ def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -
         "threads": args.threads,
         "seconds": round(seconds, 1),
         "results": results,
-    }, indent=1))
+    }, separators=(",", ":")))  # compact: curves are long; the .md holds the readable table
     if not results:
         print("no task selected")
         return

@@ -184,6 +184,10 @@ class Bundle:
         """The default rule (the only one unless the bundle is layer-wise)."""
         return self.rules[DEFAULT_RULE_NAME]
 
+    def resolved_roles(self, model: nn.Module) -> dict[str, str]:
+        """Role of every parameter of ``model``: the automatic assignment (`model_roles`) with ``self.roles`` on top."""
+        return {**model_roles(model), **self.roles}
+
     def rule_name_for(self, parameter_name: str) -> str:
         for pattern, name in self.routing:
             if fnmatch.fnmatchcase(parameter_name, pattern):
@@ -208,7 +212,7 @@ class Bundle:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
-        roles = {**model_roles(model), **self.roles}
+        roles = self.resolved_roles(model)
         groups: dict[str, list] = {}
         for name, param in named:
             groups.setdefault(self.rule_name_for(name), []).append((name, param))
@@ -299,7 +303,7 @@ class Bundle:
                     },
                 )
             if any(rule.config.format_version >= 2 for rule in self.rules.values()):
-                roles = {**model_roles(self.model), **self.roles}
+                roles = self.resolved_roles(self.model)
                 trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
                 atomic_write_json(
                     opt_dir / ROLES_NAME,
