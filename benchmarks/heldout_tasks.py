@@ -205,8 +205,8 @@ class MiniLMTopFineTune(SequenceClassification):
     TRAINED_LAYERS = 1
     max_length = 32
 
-    def __init__(self) -> None:
-        super().__init__("sms-spam", 600)
+    def __init__(self, data: str = "sms-spam", count: int = 600) -> None:
+        super().__init__(data, count)
 
     def load(self) -> None:
         self.tokenize()
@@ -246,9 +246,13 @@ class SmolLM2LoRA(ModuleTask):
 
     rank = 8
 
-    def __init__(self, context: int = 64, batch_size: int = 4, eval_size: int = 4, chars: int = 400_000) -> None:
+    def __init__(
+        self, context: int = 64, batch_size: int = 4, eval_size: int = 4, chars: int = 400_000,
+        genres: tuple[str, ...] = D.HELD_OUT_GENRES,
+    ) -> None:
         super().__init__()
         self.context, self.batch_size, self.eval_size, self.chars = context, batch_size, eval_size, chars
+        self.genres = tuple(genres)
 
     def load(self) -> None:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -256,7 +260,7 @@ class SmolLM2LoRA(ModuleTask):
 
         path = assets.smollm2_path()  # dequantizes the shipped GGUF once, then a plain cached checkpoint
         tokenizer = AutoTokenizer.from_pretrained(path)
-        text = D.shakespeare_bytes(D.HELD_OUT_GENRES)[: self.chars].numpy().tobytes().decode("utf-8", errors="replace")
+        text = D.shakespeare_bytes(self.genres)[: self.chars].numpy().tobytes().decode("utf-8", errors="replace")
         self.tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         base.config.use_cache = False
@@ -287,4 +291,9 @@ MODULE_TASKS: dict[str, Any] = {
     "minilm-full-sms": lambda: MiniLMFullFineTune("sms-spam", 800),
     "minilm-lora-vader": lambda: MiniLMLoRA("vader-tweets", 2000),
     "smollm2-lora-tragedies": SmolLM2LoRA,
+    # the development suite (`heldout.py --suite dev`): other data, for choosing a rule's shipped settings
+    "minilm-top-amazon": lambda: MiniLMTopFineTune("vader-amazonReviewSnippets", 600),
+    "minilm-full-nyt": lambda: MiniLMFullFineTune("vader-nytEditorialSnippets", 800),
+    "minilm-lora-amazon": lambda: MiniLMLoRA("vader-amazonReviewSnippets", 2000),
+    "smollm2-lora-comedies": lambda: SmolLM2LoRA(genres=("comedies",)),
 }
