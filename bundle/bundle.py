@@ -82,6 +82,13 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters Trainer applies weight decay to (all but biases, LayerNorm and norm weights)."""
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
 def _is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -198,46 +205,131 @@ class Bundle:
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def optimizer(self, **overrides: Any) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """``(LearnedOptimizer over the model's trainable parameters, constant scheduler)`` for
-        ``Trainer(optimizers=...)``. ``overrides`` go to `LearnedOptimizer` (``lr``, ``weight_decay``).
+    def optimizer(
+        self,
+        lr: float | None = None,
+        *,
+        weight_decay: float | None = None,
+        regime: str | None = None,
+        args: Any = None,
+        lr_scheduler_type: str | None = None,
+        num_training_steps: int | None = None,
+        num_warmup_steps: int | float = 0,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        keep_loss_scaling: bool = True,
+    ) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """``(LearnedOptimizer over the model's trainable parameters, scheduler)`` for ``Trainer(optimizers=...)``.
 
-        The scheduler keeps the rule's multiplier constant; passing ``(optimizer, None)`` instead would let
-        Trainer decay it linearly to zero, which is not how the rule was meta-trained.
+        Args:
+            lr: for format-2 rules (``default``) AdamW's learning rate; for format-1 rules a multiplier on the
+                rule's step. ``None``: ``args.learning_rate`` when ``args`` is given (format 2), else the rule's
+                ``recommended_lr`` for the regime. An lr more than 30× off the recommended one is warned about.
+            weight_decay: decoupled, AdamW's meaning (``args.weight_decay`` when ``args`` is given, else 0);
+                like Trainer, not applied to biases and norm weights.
+            regime: "scratch" / "finetune" (default: detected from the model, see `detect_regime`).
+            args: the Trainer's ``TrainingArguments``: take its ``learning_rate`` (format-2 rules) and
+                ``weight_decay``, and return ``(optimizer, None)`` so that Trainer builds its own schedule
+                (``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs``) over its step count.
+            lr_scheduler_type: build that schedule here instead (Trainer's names: ``"cosine"``, ``"linear"``,
+                ``"constant_with_warmup"``, ...; `transformers.get_scheduler`) over ``num_training_steps`` with
+                ``num_warmup_steps`` (an int, or a float in [0, 1) as a fraction) and ``scheduler_kwargs``.
+            keep_loss_scaling: set ``accepts_loss_kwargs = False`` on the model (see `trainer.keep_loss_scaling`)
+                so gradient accumulation does not scale gradients up.
+
+        Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
+        ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
         """
-        optimizer = self.build_optimizer(self.model, **overrides)
+        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+
+        if args is not None:
+            if lr is None and lr_is_learning_rate(self.rule):
+                lr = float(args.learning_rate)
+            if weight_decay is None:
+                weight_decay = float(args.weight_decay)
+        if keep_loss_scaling:
+            _keep_loss_scaling(self.model)
+        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=weight_decay or 0.0, regime=regime)
+        if lr_scheduler_type is not None:
+            schedule = build_schedule(
+                optimizer, lr_scheduler_type, num_training_steps=num_training_steps,
+                num_warmup_steps=num_warmup_steps, scheduler_kwargs=scheduler_kwargs,
+            )
+            return optimizer, schedule
+        if args is not None:
+            return optimizer, None
         return optimizer, constant_schedule(optimizer)
 
-    def build_optimizer(self, model: nn.Module, **overrides: Any) -> LearnedOptimizer:
+    def build_optimizer(
+        self,
+        model: nn.Module,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        regime: str | None = None,
+    ) -> LearnedOptimizer:
+        """The `LearnedOptimizer` over ``model``'s trainable parameters: one param group per rule (routing) and,
+        with weight decay, per decay/no-decay (Trainer's rule: no decay on biases and norm weights)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
         roles = self.resolved_roles(model)
-        groups: dict[str, list] = {}
+        decayed = _decay_parameter_names(model) if weight_decay else {n for n, _ in named}
+        groups: dict[tuple[str, bool], list] = {}
         for name, param in named:
-            groups.setdefault(self.rule_name_for(name), []).append((name, param))
+            groups.setdefault((self.rule_name_for(name), name in decayed), []).append((name, param))
         param_groups = [
-            {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params]}
-            for rule_name, params in groups.items()
+            {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params],
+             "weight_decay": float(weight_decay) if decays else 0.0}
+            for (rule_name, decays), params in groups.items()
         ]
-        overrides.setdefault("regime", self.regime or detect_regime(model))
-        optimizer = LearnedOptimizer(param_groups, self.rules, **overrides)
+        optimizer = LearnedOptimizer(
+            param_groups, self.rules, lr=lr, weight_decay=weight_decay,
+            regime=regime or self.regime or detect_regime(model),
+        )
         if self.state:
             restored = optimizer.load_named_state(self.state)
             logger.info("restored optimizer state for %d of %d trainable parameters", len(restored), len(named))
         return optimizer
 
-    def optimizer_factory(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    def optimizer_factory(
+        self,
+        lr: float | None = None,
+        *,
+        weight_decay: float | None = None,
+        regime: str | None = None,
+        keep_loss_scaling: bool = True,
+    ) -> tuple[Any, dict[str, Any]]:
         """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
         Trainer treats a non-Optimizer class as a factory and calls ``factory()(model, **kwargs)``; this is the
-        path that DeepSpeed and FSDP keep (they drop ``optimizers=``).
+        path that DeepSpeed and FSDP keep (they drop ``optimizers=``). Trainer then builds its own schedule
+        (``lr_scheduler_type``, warmup) on the optimizer's lr. ``lr=None`` takes the calling Trainer's
+        ``learning_rate`` for format-2 rules (for format-1 rules, whose lr is a multiplier, the rule's
+        recommended multiplier); ``weight_decay=None`` takes its ``weight_decay``.
         """
         bundle = self
 
         class LearnedOptimizerFactory:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
-                return bundle.build_optimizer(model, **{**overrides, **kwargs})
+                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+
+                chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, **kwargs}
+                trainer = find_trainer()
+                if trainer is not None:
+                    if chosen["lr"] is None:
+                        if lr_is_learning_rate(bundle.rule):
+                            chosen["lr"] = float(trainer.args.learning_rate)
+                        else:
+                            logger.info(
+                                "format-1 rule: its lr is a multiplier, so Trainer's learning_rate=%g is not used "
+                                "(the rule's recommended multiplier is; Trainer's schedule still shapes it)",
+                                trainer.args.learning_rate,
+                            )
+                    if chosen["weight_decay"] is None:
+                        chosen["weight_decay"] = float(trainer.args.weight_decay)
+                    if keep_loss_scaling and _keep_loss_scaling(model):
+                        trainer.model_accepts_loss_kwargs = False  # Trainer read the flag in __init__ already
+                chosen["weight_decay"] = chosen["weight_decay"] or 0.0
+                return bundle.build_optimizer(model, **chosen)
 
         return LearnedOptimizerFactory, {}
 
