@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .rule import LearnedRule
 
@@ -123,3 +126,159 @@ def build_schedule(
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=scheduler_kwargs or {},
     )
+
+
+# ---- bundles from Trainer's saves ---------------------------------------------------------------------------
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers with ``.optimizer``)."""
+    from .optimizer import LearnedOptimizer
+
+    inner, depth = optimizer, 0
+    while not isinstance(inner, LearnedOptimizer) and hasattr(inner, "optimizer") and depth < 8:
+        inner, depth = inner.optimizer, depth + 1
+    return inner
+
+
+def save_bundle_into(bundle: Any, directory: str | Path, **save_kwargs: Any) -> Path:
+    """Write ``bundle`` into an existing folder that holds other files too (a Trainer checkpoint or output dir).
+
+    The bundle is first saved whole into a temporary sibling (`Bundle.save_pretrained`), then its files are
+    moved in one by one (each an atomic rename), the manifest last: the old ``optimizer/`` folder is replaced,
+    the model files are overwritten with the bundle's (same weights), other files (Trainer's ``optimizer.pt``,
+    ``trainer_state.json``, ...) are left alone; they are not in the manifest and nothing loads them.
+    """
+    import shutil
+
+    from .format import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
+
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.bundle-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        bundle.save_pretrained(staging, **save_kwargs)
+        manifest = read_manifest(staging)
+        (target / MANIFEST_NAME).unlink(missing_ok=True)  # no stale manifest while files change
+        if (target / OPTIMIZER_DIR).exists():
+            shutil.rmtree(target / OPTIMIZER_DIR)
+        for name in [*manifest["files"], CARD_NAME, MANIFEST_NAME]:
+            source = staging / name
+            if not source.is_file():
+                continue
+            destination = target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+class BundleCallback(TrainerCallback):
+    """Make `transformers.Trainer`'s checkpoints, final save and ``push_to_hub`` bundles.
+
+    ``Trainer(model=bundle.model, ..., optimizers=bundle.optimizer(args=args), callbacks=[BundleCallback(bundle)])``:
+    every ``save_model`` of the Trainer (each ``checkpoint-N/``, ``trainer.save_model()``, ``trainer.push_to_hub()``)
+    also writes the rule, the optimizer's accumulators (``save_state``) and a ``bundle.json`` manifest beside the
+    model (or adapter) files, so ``Bundle.from_pretrained`` loads and verifies the folder, and Trainer's
+    model card is replaced by optbundle's (the learned rule's name, hash and provenance, plus Trainer's metrics
+    as model-index results, ``license``, ``base_model``, datasets). Trainer's own resume keeps working.
+
+    It hooks the Trainer it is given to at ``on_init_end`` (found on the call stack, as the callback API passes
+    no Trainer): ``trainer.save_model`` and ``trainer.create_model_card`` are wrapped on that instance only.
+    ``card``: extra card fields (``license``, ``datasets``, ``base_model``, ``language``, ``tags``).
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        *,
+        save_state: bool = True,
+        state_dtype: torch.dtype = torch.float32,
+        max_shard_size: int | str | None = None,
+        **card: Any,
+    ) -> None:
+        self.bundle = bundle
+        self.save_kwargs = {"save_state": save_state, "state_dtype": state_dtype, "max_shard_size": max_shard_size}
+        self.card = card
+        self.trainer: Any = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = find_trainer()
+        if trainer is None:
+            warn_once("BundleCallback: no Trainer found on the call stack; call callback.attach(trainer) yourself")
+        else:
+            self.attach(trainer)
+        return control
+
+    def attach(self, trainer: Any) -> None:
+        """Wrap ``trainer.save_model`` and ``trainer.create_model_card`` (this instance only)."""
+        if self.trainer is trainer:
+            return
+        self.trainer = trainer
+        if trainer.model is not self.bundle.model and innermost_model(trainer.model) is not innermost_model(self.bundle.model):
+            raise ValueError("BundleCallback: the Trainer trains another model than the bundle's; pass model=bundle.model")
+        original_save = trainer.save_model
+        original_card = trainer.create_model_card
+
+        def save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+            original_save(output_dir, _internal_call=_internal_call)
+            if trainer.args.should_save:
+                self.save(output_dir or trainer.args.output_dir)
+
+        def create_model_card(**kwargs: Any) -> None:
+            if not trainer.is_world_process_zero():
+                return
+            self.write_card(trainer.args.output_dir, **kwargs)
+
+        create_model_card.__doc__ = original_card.__doc__
+        trainer.save_model = save_model
+        trainer.create_model_card = create_model_card
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the bundle (with the Trainer's optimizer state when ``save_state``) into ``directory``."""
+        trainer = self.trainer
+        if self.save_kwargs["save_state"] and trainer is not None and trainer.optimizer is not None:
+            self.bundle.set_state(trainer.optimizer)
+        kwargs = {k: v for k, v in self.save_kwargs.items() if v is not None}
+        path = save_bundle_into(self.bundle, directory, **kwargs, card_info=self.card_info())
+        logger.info("wrote bundle files into %s", path)
+        return path
+
+    def card_info(self, **trainer_card_kwargs: Any) -> dict[str, Any]:
+        """What the card says beyond the rule: Trainer's metrics (model-index), license, base model, datasets."""
+        info = dict(self.card)
+        trainer = self.trainer
+        if trainer is None:
+            return info
+        from transformers.modelcard import TrainingSummary
+
+        try:
+            summary = TrainingSummary.from_trainer(trainer, **trainer_card_kwargs)
+        except Exception as err:  # Trainer's summary is best-effort; the bundle card does not depend on it
+            logger.info("Trainer's training summary unavailable (%s)", err)
+            return info
+        for key, value in (("license", summary.license), ("base_model", summary.finetuned_from),
+                           ("datasets", summary.dataset), ("tasks", summary.tasks),
+                           ("model_name", summary.model_name), ("language", summary.language)):
+            if value and key not in info:
+                info[key] = value
+        metrics = dict(summary.eval_results or {})
+        if metrics:
+            info.setdefault("metrics", metrics)
+        info.setdefault("training", {
+            "global_step": trainer.state.global_step,
+            "learning_rate": trainer.args.learning_rate,
+            "lr_scheduler_type": str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)),
+        })
+        return info
+
+    def write_card(self, directory: str | Path, **trainer_card_kwargs: Any) -> Path:
+        """Write optbundle's card (with Trainer's metrics) as ``directory/README.md``."""
+        from .card import model_card
+        from .format import CARD_NAME
+
+        path = Path(directory) / CARD_NAME
+        path.write_text(model_card(self.bundle, **self.card_info(**trainer_card_kwargs)), encoding="utf-8")
+        return path
