@@ -154,3 +154,28 @@ def test_save_and_push_take_transformers_arguments(hub, tmp_path):
     assert hub.head("me/args", "dev") == hub_branch.oid
     assert any(n.startswith("optimizer/state-") for n in hub.files("me/args", "dev"))
     assert step_of(Bundle.from_pretrained("me/args", revision="dev")) == 2
+
+
+def test_a_lora_run_saves_an_adapter_bundle_with_a_peft_style_card(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    base_dir = tmp_path / "base"
+    digits_bert().save_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
+                        lora_dropout=0.0, task_type="SEQ_CLS")
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base_dir), config)
+    bundle = Bundle(model, load_rule("default"))
+    trainer = make_trainer(tmp_path / "out", 3, bundle)
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    manifest = read_json_file(out / MANIFEST_NAME)
+    assert manifest["kind"] == "peft" and "adapter_model.safetensors" in manifest["files"]
+    loaded = Bundle.from_pretrained(out, base_model=str(base_dir))
+    lora_name = next(n for n in loaded.state if "lora_A" in n)
+    assert int(loaded.state[lora_name]["step"]) == 3
+    PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base_dir), out)  # PEFT alone loads it
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["library_name"] == "peft" and data["base_model"] == BASE and data["license"] == LICENSE
+    assert {"lora", "optbundle", "learned-optimizer", f"base_model:adapter:{BASE}"} <= set(data["tags"])
