@@ -184,7 +184,8 @@ def pull(args: argparse.Namespace) -> int:
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="DIR_OR_REPO_ID", help="a bundle or rule folder, or a Hub repo id")
+    parser.add_argument("target", metavar="DIR_OR_REPO_ID",
+                        help="a bundle or rule folder, a shipped rule name (default, default-v2, ...), or a Hub repo id")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-verify", action="store_true", help="skip the size/sha256 check of local files")
     _hub_download_options(parser)
@@ -216,6 +217,23 @@ def safetensors_parameter_count(path: Path) -> int:
             count *= dim
         total += count
     return total
+
+
+def _shipped_names() -> list[str]:
+    from .pretrained import shipped_rule_names
+
+    return shipped_rule_names()
+
+
+def _shipped_rule_dir(name: str) -> Path | None:
+    """The folder of the shipped rule ``name`` (``default`` resolves through ``aliases.json``), or None."""
+    from .pretrained import ALIASES_NAME, PRETRAINED_DIR
+
+    if name not in _shipped_names():
+        return None
+    aliases_path = PRETRAINED_DIR / ALIASES_NAME
+    aliases = json.loads(aliases_path.read_text()) if aliases_path.exists() else {}
+    return PRETRAINED_DIR / aliases.get(name, name)
 
 
 def _weight_files(manifest: dict[str, Any]) -> list[str]:
@@ -257,8 +275,14 @@ def describe(
         weights = _remote_parameter_count(snapshot, _weight_files(manifest), token=token, offline=local_files_only)
     else:
         directory = Path(target)
+        shipped = _shipped_rule_dir(str(target)) if not directory.exists() else None
+        if shipped is not None:
+            directory = shipped
         if not directory.is_dir():
-            raise BundleError(f"{directory}: not a directory, and not a Hub repo id 'namespace/name'")
+            raise BundleError(
+                f"{directory}: not a directory, a shipped rule name ({', '.join(_shipped_names())}) or a Hub repo id "
+                "'namespace/name'"
+            )
         manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
         info["source"] = {"directory": str(directory)}
         verify_names = list(manifest["files"]) if manifest else []
@@ -436,7 +460,7 @@ def finetune(args: argparse.Namespace) -> int:
     from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
 
     recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
-    run_recipe(recipe)
+    run_recipe(recipe, announce=lambda line: print(line, flush=True))
     results = Path(recipe.optim.results_dir)
     print((results / "results.md").read_text())
     print(f"loss curves: {results / 'loss_curves.png'}")

@@ -222,6 +222,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if reason is None:
             return
         self.state[param]["skipped_steps"] += 1
+        if reason == "gradient" and "non-finite gradient" not in _LOGGED:
+            _LOGGED.add("non-finite gradient")
+            logger.warning("a non-finite gradient (tensor of shape %s): that tensor's step is skipped and counted in "
+                           "its skipped_steps; later skips are only counted (BundleCallback logs them)", tuple(param.shape))
         if reason == "update":
             logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
 

@@ -185,8 +185,13 @@ class BundleCallback(TrainerCallback):
     model card is replaced by optbundle's (the learned rule's name, hash and provenance, plus Trainer's metrics
     as model-index results, ``license``, ``base_model``, datasets). Trainer's own resume keeps working.
 
+    Every training log (``loss``, ``learning_rate``, ...) also gets ``optbundle/skipped`` (tensor-steps skipped for a
+    non-finite gradient or update since the last log, warned about once) and ``optbundle/update_rms`` (RMS of the
+    parameter update of the logged step), in ``trainer.state.log_history`` and every ``report_to`` integration.
+
     It hooks the Trainer it is given to at ``on_init_end`` (found on the call stack, as the callback API passes
-    no Trainer): ``trainer.save_model`` and ``trainer.create_model_card`` are wrapped on that instance only.
+    no Trainer): ``trainer.save_model``, ``trainer.create_model_card`` and ``trainer.log`` are wrapped on that
+    instance only.
     ``card``: extra card fields (``license``, ``datasets``, ``base_model``, ``language``, ``tags``).
     """
 
@@ -232,9 +237,64 @@ class BundleCallback(TrainerCallback):
                 return
             self.write_card(trainer.args.output_dir, **kwargs)
 
+        original_log = trainer.log
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                logs = {**logs, **self.optimizer_logs()}
+            original_log(logs, *args, **kwargs)
+
         create_model_card.__doc__ = original_card.__doc__
         trainer.save_model = save_model
         trainer.create_model_card = create_model_card
+        trainer.log = log
+
+    # ---- what the optimizer did, in Trainer's logs ---------------------------------------------------------
+    def _learned_optimizer(self) -> Any:
+        from .optimizer import LearnedOptimizer
+
+        inner = unwrap_optimizer(self.trainer.optimizer) if self.trainer is not None else None
+        return inner if isinstance(inner, LearnedOptimizer) else None
+
+    def _trainable(self) -> list[torch.Tensor]:
+        optimizer = self._learned_optimizer()
+        return [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # snapshot the parameters before the steps that end in a log, to measure that step's update
+        if args.logging_steps and (state.global_step + 1) % max(1, int(args.logging_steps)) == 0:
+            self._before = [p.detach().clone() for p in self._trainable()]
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        before = getattr(self, "_before", None)
+        if before:
+            params = self._trainable()
+            squares = sum(float(((p.detach().float() - b.float()) ** 2).sum()) for p, b in zip(params, before))
+            count = sum(p.numel() for p in params)
+            self._update_rms = (squares / max(count, 1)) ** 0.5
+        self._before = None
+        return control
+
+    def optimizer_logs(self) -> dict[str, float]:
+        """``optbundle/update_rms`` (RMS of the last step's parameter update over all trainable parameters) and
+        ``optbundle/skipped`` (tensor-steps skipped for a non-finite gradient or update since the last log)."""
+        optimizer = self._learned_optimizer()
+        if optimizer is None:
+            return {}
+        skipped = sum(int(optimizer.state[p]["skipped_steps"]) for p in self._trainable() if "skipped_steps" in optimizer.state[p])
+        new = skipped - getattr(self, "_skipped_logged", 0)
+        self._skipped_logged = skipped
+        out = {"optbundle/skipped": float(new)}
+        if getattr(self, "_update_rms", None) is not None:
+            out["optbundle/update_rms"] = self._update_rms
+            self._update_rms = None
+        if new:
+            warn_once(
+                "the learned optimizer skipped %d tensor-step(s) with a non-finite gradient or update (logged as "
+                "optbundle/skipped; the parameters and accumulators of those tensors were left unchanged)", new
+            )
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write the bundle (with the Trainer's optimizer state when ``save_state``) into ``directory``."""

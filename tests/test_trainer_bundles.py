@@ -179,3 +179,25 @@ def test_a_lora_run_saves_an_adapter_bundle_with_a_peft_style_card(tmp_path):
     data = ModelCard.load(out / "README.md").data.to_dict()
     assert data["library_name"] == "peft" and data["base_model"] == BASE and data["license"] == LICENSE
     assert {"lora", "optbundle", "learned-optimizer", f"base_model:adapter:{BASE}"} <= set(data["tags"])
+
+
+def test_skipped_steps_and_update_rms_reach_trainers_logs(tmp_path, caplog):
+    from transformers import TrainerCallback
+
+    class NanGradientAtStep3(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:  # the third optimizer step
+                model.classifier.weight.grad[0, 0] = float("nan")
+
+    bundle = Bundle(digits_bert(), load_rule("default"))
+    args = trainer_args(tmp_path, 6, logging_steps=2, learning_rate=3e-3)
+    trainer = Trainer(model=bundle.model, args=args, train_dataset=digits_dataset(256),
+                      optimizers=bundle.optimizer(args=args), callbacks=[NanGradientAtStep3(), BundleCallback(bundle)])
+    with caplog.at_level("WARNING", logger="optbundle"):
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4, 6]
+    assert [h["optbundle/skipped"] for h in logs] == [0, 1, 0]
+    assert all(h["optbundle/update_rms"] > 0 for h in logs)
+    assert logs[0]["learning_rate"] == pytest.approx(3e-3 * 5 / 6)  # Trainer's linear decay of the real lr
+    assert any("skipped 1 tensor-step" in r.getMessage() for r in caplog.records)
