@@ -127,9 +127,11 @@ def _human_size(size: int) -> str:
 
 
 def _push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", type=Path, metavar="DIR", help="a saved bundle, rule repo or rule folder")
+    parser.add_argument("directory", type=Path, metavar="DIR",
+                        help="a saved bundle, rule repo or rule folder (`hf upload`'s order REPO_ID DIR works too)")
     parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo 'namespace/name' (created if missing)")
     parser.add_argument("--revision", help="branch to push to (default: main; created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     parser.add_argument("--private", action="store_true", default=None, help="create the repo private")
     parser.add_argument("--commit-message", help="message of the commit (default: says what is uploaded)")
     parser.add_argument("--overwrite-card", action="store_true", help="replace a README.md edited on the Hub")
@@ -142,7 +144,10 @@ def push(args: argparse.Namespace) -> int:
     from .rule import RULE_CONFIG_NAME, LearnedRule
 
     directory: Path = args.directory
+    if not directory.exists() and Path(args.repo_id).is_dir():  # `hf upload REPO_ID PATH` order
+        directory, args.repo_id = Path(args.repo_id), str(args.directory)
     options = dict(
+        create_pr=args.create_pr,
         revision=args.revision,
         private=args.private,
         commit_message=args.commit_message,
@@ -158,6 +163,8 @@ def push(args: argparse.Namespace) -> int:
         raise BundleError(f"{directory}: has neither {MANIFEST_NAME} (a bundle) nor {RULE_CONFIG_NAME} (a rule)")
     print(f"pushed {directory} to {args.repo_id}@{commit.oid}")
     print(f"commit: {commit.commit_url}")
+    if commit.pr_url:
+        print(f"pull request: {commit.pr_url} (load it with --revision {commit.pr_revision})")
     return 0
 
 

@@ -201,3 +201,16 @@ def test_skipped_steps_and_update_rms_reach_trainers_logs(tmp_path, caplog):
     assert all(h["optbundle/update_rms"] > 0 for h in logs)
     assert logs[0]["learning_rate"] == pytest.approx(3e-3 * 5 / 6)  # Trainer's linear decay of the real lr
     assert any("skipped 1 tensor-step" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_push_takes_hf_uploads_order_and_create_pr(hub, tmp_path, capsys):
+    from optbundle.cli import main
+
+    folder = Bundle(digits_bert(), load_rule("default")).save_pretrained(tmp_path / "bundle")
+    assert main(["push", "me/cli", str(folder)]) == 0  # `hf upload REPO_ID PATH` order
+    head = hub.head("me/cli")
+    changed = Bundle(digits_bert(seed=1), load_rule("default")).save_pretrained(tmp_path / "changed")
+    assert main(["push", str(changed), "me/cli", "--create-pr", "--commit-message", "proposal"]) == 0
+    printed = capsys.readouterr().out
+    assert "pull request:" in printed and "refs/pr/1" in printed
+    assert hub.head("me/cli") == head and hub.head("me/cli", "refs/pr/1") != head
