@@ -114,3 +114,17 @@ def test_gradient_accumulation_does_not_scale_gradients(tmp_path, path):
         return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][0]
 
     assert first_grad_norm(16, 2) == pytest.approx(first_grad_norm(32, 1), rel=1e-3)
+
+
+def test_weight_decay_spares_biases_and_norms_like_trainer(tmp_path):
+    model = digits_bert()
+    names = {p: n for n, p in model.named_parameters()}
+    optimizer, scheduler = Bundle(model, load_rule("default")).optimizer(
+        args=trainer_args(tmp_path, 1, weight_decay=0.1, learning_rate=3e-3))
+    assert scheduler is None  # Trainer builds its own schedule from the same args
+    decay = {names[p] for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    no_decay = {names[p] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    assert "classifier.weight" in decay and "classifier.bias" in no_decay
+    assert all("LayerNorm" in n or n.endswith("bias") for n in no_decay)
+    assert all(g["lr"] == 3e-3 for g in optimizer.param_groups)
