@@ -1,6 +1,6 @@
 """optbundle: ship a model together with the learned optimizer that fine-tunes it.
 
-Public API: `RuleConfig`, `LearnedRule`, `LearnedOptimizer`, `Bundle`, `load_rule`, `BundleError`.
+Public API: `RuleConfig`, `LearnedRule`, `LearnedOptimizer`, `Bundle`, `BundleCallback`, `load_rule`, `BundleError`.
 """
 
 from __future__ import annotations
@@ -40,4 +40,12 @@ def load_rule(name_or_path: str | Path, **hub_kwargs: Any) -> LearnedRule:
     )
 
 
-__all__ = ["Bundle", "BundleError", "HubError", "LearnedOptimizer", "LearnedRule", "RuleConfig", "load_rule", "__version__"]
+def __getattr__(name: str) -> Any:
+    if name == "BundleCallback":  # imported on first use: it needs transformers, which `import optbundle` does not
+        from .trainer import BundleCallback
+
+        return BundleCallback
+    raise AttributeError(f"module 'optbundle' has no attribute {name!r}")
+
+
+__all__ = ["Bundle", "BundleCallback", "BundleError", "HubError", "LearnedOptimizer", "LearnedRule", "RuleConfig", "load_rule", "__version__"]

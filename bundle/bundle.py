@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -61,6 +61,9 @@ from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
 from .roles import assign_roles
 from .rule import REGIMES, ROLES, LearnedRule
 
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo
+
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
@@ -80,6 +83,13 @@ def _is_transformers_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters Trainer applies weight decay to (all but biases, LayerNorm and norm weights)."""
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -198,46 +208,131 @@ class Bundle:
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def optimizer(self, **overrides: Any) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """``(LearnedOptimizer over the model's trainable parameters, constant scheduler)`` for
-        ``Trainer(optimizers=...)``. ``overrides`` go to `LearnedOptimizer` (``lr``, ``weight_decay``).
+    def optimizer(
+        self,
+        lr: float | None = None,
+        *,
+        weight_decay: float | None = None,
+        regime: str | None = None,
+        args: Any = None,
+        lr_scheduler_type: str | None = None,
+        num_training_steps: int | None = None,
+        num_warmup_steps: int | float = 0,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        keep_loss_scaling: bool = True,
+    ) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """``(LearnedOptimizer over the model's trainable parameters, scheduler)`` for ``Trainer(optimizers=...)``.
 
-        The scheduler keeps the rule's multiplier constant; passing ``(optimizer, None)`` instead would let
-        Trainer decay it linearly to zero, which is not how the rule was meta-trained.
+        Args:
+            lr: for format-2 rules (``default``) AdamW's learning rate; for format-1 rules a multiplier on the
+                rule's step. ``None``: ``args.learning_rate`` when ``args`` is given (format 2), else the rule's
+                ``recommended_lr`` for the regime. An lr more than 30× off the recommended one is warned about.
+            weight_decay: decoupled, AdamW's meaning (``args.weight_decay`` when ``args`` is given, else 0);
+                like Trainer, not applied to biases and norm weights.
+            regime: "scratch" / "finetune" (default: detected from the model, see `detect_regime`).
+            args: the Trainer's ``TrainingArguments``: take its ``learning_rate`` (format-2 rules) and
+                ``weight_decay``, and return ``(optimizer, None)`` so that Trainer builds its own schedule
+                (``lr_scheduler_type``, ``warmup_steps``, ``lr_scheduler_kwargs``) over its step count.
+            lr_scheduler_type: build that schedule here instead (Trainer's names: ``"cosine"``, ``"linear"``,
+                ``"constant_with_warmup"``, ...; `transformers.get_scheduler`) over ``num_training_steps`` with
+                ``num_warmup_steps`` (an int, or a float in [0, 1) as a fraction) and ``scheduler_kwargs``.
+            keep_loss_scaling: set ``accepts_loss_kwargs = False`` on the model (see `trainer.keep_loss_scaling`)
+                so gradient accumulation does not scale gradients up.
+
+        Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
+        ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
         """
-        optimizer = self.build_optimizer(self.model, **overrides)
+        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+
+        if args is not None:
+            if lr is None and lr_is_learning_rate(self.rule):
+                lr = float(args.learning_rate)
+            if weight_decay is None:
+                weight_decay = float(args.weight_decay)
+        if keep_loss_scaling:
+            _keep_loss_scaling(self.model)
+        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=weight_decay or 0.0, regime=regime)
+        if lr_scheduler_type is not None:
+            schedule = build_schedule(
+                optimizer, lr_scheduler_type, num_training_steps=num_training_steps,
+                num_warmup_steps=num_warmup_steps, scheduler_kwargs=scheduler_kwargs,
+            )
+            return optimizer, schedule
+        if args is not None:
+            return optimizer, None
         return optimizer, constant_schedule(optimizer)
 
-    def build_optimizer(self, model: nn.Module, **overrides: Any) -> LearnedOptimizer:
+    def build_optimizer(
+        self,
+        model: nn.Module,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        regime: str | None = None,
+    ) -> LearnedOptimizer:
+        """The `LearnedOptimizer` over ``model``'s trainable parameters: one param group per rule (routing) and,
+        with weight decay, per decay/no-decay (Trainer's rule: no decay on biases and norm weights)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to optimize")
         roles = self.resolved_roles(model)
-        groups: dict[str, list] = {}
+        decayed = _decay_parameter_names(model) if weight_decay else {n for n, _ in named}
+        groups: dict[tuple[str, bool], list] = {}
         for name, param in named:
-            groups.setdefault(self.rule_name_for(name), []).append((name, param))
+            groups.setdefault((self.rule_name_for(name), name in decayed), []).append((name, param))
         param_groups = [
-            {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params]}
-            for rule_name, params in groups.items()
+            {"params": params, "rule": rule_name, "roles": [roles[name] for name, _ in params],
+             "weight_decay": float(weight_decay) if decays else 0.0}
+            for (rule_name, decays), params in groups.items()
         ]
-        overrides.setdefault("regime", self.regime or detect_regime(model))
-        optimizer = LearnedOptimizer(param_groups, self.rules, **overrides)
+        optimizer = LearnedOptimizer(
+            param_groups, self.rules, lr=lr, weight_decay=weight_decay,
+            regime=regime or self.regime or detect_regime(model),
+        )
         if self.state:
             restored = optimizer.load_named_state(self.state)
             logger.info("restored optimizer state for %d of %d trainable parameters", len(restored), len(named))
         return optimizer
 
-    def optimizer_factory(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    def optimizer_factory(
+        self,
+        lr: float | None = None,
+        *,
+        weight_decay: float | None = None,
+        regime: str | None = None,
+        keep_loss_scaling: bool = True,
+    ) -> tuple[Any, dict[str, Any]]:
         """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
         Trainer treats a non-Optimizer class as a factory and calls ``factory()(model, **kwargs)``; this is the
-        path that DeepSpeed and FSDP keep (they drop ``optimizers=``).
+        path that DeepSpeed and FSDP keep (they drop ``optimizers=``). Trainer then builds its own schedule
+        (``lr_scheduler_type``, warmup) on the optimizer's lr. ``lr=None`` takes the calling Trainer's
+        ``learning_rate`` for format-2 rules (for format-1 rules, whose lr is a multiplier, the rule's
+        recommended multiplier); ``weight_decay=None`` takes its ``weight_decay``.
         """
         bundle = self
 
         class LearnedOptimizerFactory:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
-                return bundle.build_optimizer(model, **{**overrides, **kwargs})
+                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+
+                chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, **kwargs}
+                trainer = find_trainer()
+                if trainer is not None:
+                    if chosen["lr"] is None:
+                        if lr_is_learning_rate(bundle.rule):
+                            chosen["lr"] = float(trainer.args.learning_rate)
+                        else:
+                            logger.info(
+                                "format-1 rule: its lr is a multiplier, so Trainer's learning_rate=%g is not used "
+                                "(the rule's recommended multiplier is; Trainer's schedule still shapes it)",
+                                trainer.args.learning_rate,
+                            )
+                    if chosen["weight_decay"] is None:
+                        chosen["weight_decay"] = float(trainer.args.weight_decay)
+                    if keep_loss_scaling and _keep_loss_scaling(model):
+                        trainer.model_accepts_loss_kwargs = False  # Trainer read the flag in __init__ already
+                chosen["weight_decay"] = chosen["weight_decay"] or 0.0
+                return bundle.build_optimizer(model, **chosen)
 
         return LearnedOptimizerFactory, {}
 
@@ -256,8 +351,13 @@ class Bundle:
 
         return refine_bundle(self, train_dataset, eval_dataset, dataset_name=dataset_name, **config)
 
-    def set_state(self, state: LearnedOptimizer | Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Take the accumulators to ship from an optimizer (by parameter name) or a name → state mapping."""
+    def set_state(self, state: LearnedOptimizer | Mapping[str, Mapping[str, torch.Tensor]] | Any) -> None:
+        """Take the accumulators to ship from an optimizer (by parameter name) or a name → state mapping.
+
+        ``trainer.optimizer`` works as it is: accelerate's ``AcceleratedOptimizer`` wrapper is unwrapped."""
+        from .trainer import unwrap_optimizer
+
+        state = unwrap_optimizer(state)
         if isinstance(state, LearnedOptimizer):
             names = state.parameter_names() or {p: n for n, p in self.model.named_parameters()}
             self.state = state.named_state(names)
@@ -277,17 +377,30 @@ class Bundle:
         *,
         save_state: bool = True,
         state_dtype: torch.dtype = torch.float32,
+        max_shard_size: int | str | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        card_info: Mapping[str, Any] | None = None,
+        **push_kwargs: Any,
     ) -> Path:
         """Write the bundle to ``save_directory`` atomically (old contents replaced only once all is written).
 
         ``save_state=False`` leaves the accumulators out (they are up to 4× the model's size in fp32);
         ``state_dtype=torch.bfloat16`` stores them at half the size (they are read back into fp32).
+        As with ``PreTrainedModel.save_pretrained``: ``max_shard_size`` (``"5GB"``, bytes) shards the model's
+        weights and the accumulators (``optimizer/state-00001-of-0000N.safetensors`` + ``state.safetensors.index.json``,
+        all in the manifest); ``is_main_process=False`` writes nothing (call it on every rank); ``push_to_hub=True``
+        then pushes the folder (``repo_id`` defaults to the folder's name; other ``push_kwargs`` as for
+        `push_to_hub`). ``card_info``: what the card says beyond the rule (see `card.model_card`).
         """
         target = Path(save_directory)
         if state_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"state_dtype must be float32, bfloat16 or float16, got {state_dtype}")
+        shard_bytes = _shard_size_bytes(max_shard_size)
+        if not is_main_process:
+            return target
         with atomic_directory(target) as staging:
-            self._write_model(staging)
+            self._write_model(staging, max_shard_size=max_shard_size)
             opt_dir = staging / OPTIMIZER_DIR
             self.rule.save_pretrained(opt_dir)
             for name, rule in self.rules.items():
@@ -315,19 +428,25 @@ class Bundle:
                     },
                 )
             if save_state and self.state:
-                write_named_state(opt_dir, self.state, state_dtype)
+                write_named_state(opt_dir, self.state, state_dtype, max_shard_size=shard_bytes)
             from .card import model_card
 
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
                 extra["base_model"] = base_model_identity(self.model)
-            write_card_and_manifest(staging, model_card(self), kind=self.kind, extra=extra)
+            write_card_and_manifest(staging, model_card(self, **dict(card_info or {})), kind=self.kind, extra=extra)
+        if push_to_hub:
+            from .hub import push_directory
+
+            repo_id = push_kwargs.pop("repo_id", None) or target.name
+            push_directory(target, repo_id, **push_kwargs)
         return target
 
-    def _write_model(self, directory: Path) -> None:
+    def _write_model(self, directory: Path, max_shard_size: int | str | None = None) -> None:
         kind = self.kind
         if kind in ("transformers", "peft"):
-            self.model.save_pretrained(directory, safe_serialization=True)
+            extra = {"max_shard_size": max_shard_size} if max_shard_size is not None and kind == "transformers" else {}
+            self.model.save_pretrained(directory, safe_serialization=True, **extra)
         else:
             from safetensors.torch import save_file
 
@@ -346,21 +465,31 @@ class Bundle:
         revision: str | None = None,
         private: bool | None = None,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         token: str | bool | None = None,
+        create_pr: bool = False,
+        tags: Sequence[str] | None = None,
+        max_shard_size: int | str | None = None,
         overwrite_card: bool = False,
         save_state: bool = True,
-    ) -> Any:
+        state_dtype: torch.dtype = torch.float32,
+    ) -> CommitInfo:
         """Publish the bundle to the Hub repo ``repo_id`` as ONE commit (created if missing) and return its
-        ``huggingface_hub.CommitInfo`` (``.oid`` is the commit sha to pin with ``from_pretrained(revision=)``).
+        ``huggingface_hub.CommitInfo`` (``.oid`` is the commit sha to pin with ``from_pretrained(revision=)``;
+        ``str(info)`` is the commit URL, ``info.pr_url`` the pull request's with ``create_pr=True``).
 
-        ``revision`` is the branch to push to (default ``main``). A README.md edited on the Hub is kept unless
-        ``overwrite_card=True``. See `optbundle.hub.push_directory`.
+        The arguments mean what they mean for ``PreTrainedModel.push_to_hub``: ``revision`` is the branch to push
+        to (default ``main``), ``create_pr`` opens a pull request instead of committing to it, ``tags`` are added
+        to the card's metadata, ``max_shard_size`` shards weights and accumulators. A README.md edited on the
+        Hub is kept unless ``overwrite_card=True``. See `optbundle.hub.push_directory`.
         """
         from .hub import push_bundle
 
+        card_info = {"tags": list(tags)} if tags else None
         return push_bundle(
-            self, repo_id, save_state=save_state, revision=revision, private=private,
-            commit_message=commit_message, token=token, overwrite_card=overwrite_card,
+            self, repo_id, save_state=save_state, state_dtype=state_dtype, max_shard_size=max_shard_size,
+            card_info=card_info, revision=revision, private=private, commit_message=commit_message,
+            commit_description=commit_description, token=token, create_pr=create_pr, overwrite_card=overwrite_card,
         )
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -410,7 +539,9 @@ class Bundle:
         else:
             loaded_model = _load_model(directory, kind, model, model_class, model_kwargs)
         state = None
-        if load_state and (directory / OPTIMIZER_DIR / STATE_TENSORS_NAME).exists():
+        if load_state and (
+            (directory / OPTIMIZER_DIR / STATE_TENSORS_NAME).exists() or (directory / OPTIMIZER_DIR / STATE_INDEX_NAME).exists()
+        ):
             state = read_named_state(directory / OPTIMIZER_DIR)
         tokenizer = None
         if (directory / "tokenizer_config.json").exists():
@@ -579,8 +710,45 @@ def _shared_aliases(model: nn.Module) -> set[str]:
 # ---- named accumulator state on disk ------------------------------------------------------------------
 
 
-def write_named_state(directory: Path, state: NamedState, dtype: torch.dtype = torch.float32) -> None:
-    """``state.safetensors`` (keys ``"<param>:<key>"``) + ``state.json`` (per-parameter summary)."""
+STATE_INDEX_NAME = "state.safetensors.index.json"
+
+
+def _shard_size_bytes(max_shard_size: int | str | None) -> int | None:
+    """``max_shard_size`` as bytes (``"5GB"``, ``"500MB"``, an int), as transformers parses it."""
+    if max_shard_size is None:
+        return None
+    from transformers.utils.hub import convert_file_size_to_int
+
+    size = convert_file_size_to_int(max_shard_size)
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"max_shard_size must be a positive size such as '5GB' or a byte count, got {max_shard_size!r}")
+    return size
+
+
+def _state_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``tensors`` (in key order, one parameter's keys together when they fit) into shards of at most
+    ``max_bytes`` each (a single larger tensor gets a shard of its own), as transformers shards weights."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def write_named_state(
+    directory: Path, state: NamedState, dtype: torch.dtype = torch.float32, max_shard_size: int | None = None
+) -> None:
+    """``state.safetensors`` (keys ``"<param>:<key>"``) + ``state.json`` (per-parameter summary).
+
+    With ``max_shard_size`` (bytes) and more state than that: ``state-0000i-of-0000N.safetensors`` shards and
+    ``state.safetensors.index.json`` (``{"metadata": {"total_size": ...}, "weight_map": {key: shard}}``, the
+    layout of transformers' sharded checkpoints).
+    """
     tensors: dict[str, torch.Tensor] = {}
     summary: dict[str, Any] = {}
     for name, entry in state.items():
@@ -597,7 +765,17 @@ def write_named_state(directory: Path, state: NamedState, dtype: torch.dtype = t
             "skipped_steps": int(entry.get("skipped_steps", torch.zeros(()))),
             "keys": sorted(entry),
         }
-    (directory / STATE_TENSORS_NAME).write_bytes(save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        (directory / STATE_TENSORS_NAME).write_bytes(save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    else:
+        shards = _state_shards(tensors, max_shard_size)
+        weight_map = {}
+        for index, shard in enumerate(shards, start=1):
+            name = f"state-{index:05d}-of-{len(shards):05d}.safetensors"
+            (directory / name).write_bytes(save_safetensors_bytes(shard, metadata={"format": "pt"}))
+            weight_map.update({key: name for key in shard})
+        atomic_write_json(directory / STATE_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     atomic_write_json(
         directory / STATE_JSON_NAME,
         {"format_version": STATE_FORMAT_VERSION, "stored_dtype": str(dtype).replace("torch.", ""), "params": summary},
@@ -605,8 +783,9 @@ def write_named_state(directory: Path, state: NamedState, dtype: torch.dtype = t
 
 
 def read_named_state(directory: Path) -> NamedState:
-    """Read accumulators back as fp32 (int64 counters stay int64), checking them against ``state.json``."""
-    tensors = load_safetensors_file(directory / STATE_TENSORS_NAME)
+    """Read accumulators back as fp32 (int64 counters stay int64), checking them against ``state.json`` (and,
+    when sharded, every key against ``state.safetensors.index.json``)."""
+    tensors = _read_state_tensors(directory)
     info_path = directory / STATE_JSON_NAME
     info = read_json_file(info_path)
     if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
@@ -630,3 +809,26 @@ def read_named_state(directory: Path) -> NamedState:
     if extra:
         raise CorruptFileError(f"{info_path}: does not list parameter(s) {extra} found in {STATE_TENSORS_NAME}")
     return state
+
+
+def _read_state_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """``state.safetensors``, or the shards named by ``state.safetensors.index.json`` (each key where the index says)."""
+    index_path = directory / STATE_INDEX_NAME
+    if not index_path.exists():
+        return load_safetensors_file(directory / STATE_TENSORS_NAME)
+    index = read_json_file(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptFileError(f"{index_path}: expected an object with a 'weight_map' of key → shard file")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or "\\" in shard or not shard.endswith(".safetensors") or shard.startswith("."):
+            raise CorruptFileError(f"{index_path}: shard name {shard!r} is not a file beside the index")
+        for key, tensor in load_safetensors_file(directory / shard).items():
+            if weight_map.get(key) != shard:
+                raise CorruptFileError(f"{directory / shard}: holds {key!r}, which the index places elsewhere")
+            tensors[key] = tensor
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CorruptFileError(f"{index_path}: lists {len(missing)} key(s) no shard holds, e.g. {missing[0]!r}")
+    return tensors

@@ -196,8 +196,21 @@ def base_model_of(bundle: Bundle) -> list[str]:
     return []
 
 
-def card_metadata(provenance: dict[str, Any], *, base_model: list[str] | None = None, extra_tags: list[str] = ()) -> str:
-    """The YAML block of a card, built with `huggingface_hub.ModelCardData` so the Hub accepts it."""
+def card_metadata(
+    provenance: dict[str, Any],
+    *,
+    base_model: list[str] | None = None,
+    extra_tags: list[str] = (),
+    library_name: str = "optbundle",
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    datasets: list[str] | None = None,
+    pipeline_tag: str | None = None,
+    model_name: str | None = None,
+    eval_results: list[Any] | None = None,
+) -> str:
+    """The YAML block of a card, built with `huggingface_hub.ModelCardData` so the Hub accepts it (``eval_results``
+    become the ``model-index`` the Hub shows as results)."""
     from huggingface_hub import ModelCardData
 
     tags = list(BASE_TAGS)
@@ -206,14 +219,71 @@ def card_metadata(provenance: dict[str, Any], *, base_model: list[str] | None = 
     for tag in [*extra_tags, *(provenance.get("tags") or [])]:
         if isinstance(tag, str) and tag and tag not in tags:
             tags.append(tag)
-    datasets = _hub_ids(provenance.get("datasets")) if provenance.get("datasets") else []
+    ids = _hub_ids(provenance.get("datasets")) if provenance.get("datasets") else []
+    for dataset in _hub_ids(datasets) if datasets else []:
+        if dataset not in ids:
+            ids.append(dataset)
     data = ModelCardData(
-        library_name="optbundle",
+        library_name=library_name,
         tags=tags,
+        license=license or provenance.get("license") or None,
+        language=language or None,
         base_model=(base_model[0] if len(base_model) == 1 else base_model) if base_model else None,
-        datasets=datasets or None,
+        datasets=ids or None,
+        pipeline_tag=pipeline_tag,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
     )
     return data.to_yaml()
+
+
+_TASKS = {
+    "ForSequenceClassification": "text-classification",
+    "ForCausalLM": "text-generation",
+    "ForMaskedLM": "fill-mask",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForImageClassification": "image-classification",
+}
+
+
+def task_of(model: Any) -> str | None:
+    """The Hub task id of a transformers model (from its class name, through a PEFT wrapper), if known."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    name = type(inner).__name__
+    return next((task for suffix, task in _TASKS.items() if name.endswith(suffix)), None)
+
+
+def eval_results_of(metrics: dict[str, Any], *, task: str | None, dataset: str | None) -> list[Any]:
+    """``huggingface_hub.EvalResult`` entries (model-index) for numeric ``metrics`` (e.g. Trainer's eval loss)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric = str(name).strip().lower().replace(" ", "_")
+        out.append(EvalResult(
+            task_type=task or "other", dataset_type=dataset or "custom", dataset_name=dataset or "custom data",
+            metric_type=metric, metric_name=str(name), metric_value=float(value),
+        ))
+    return out
+
+
+def shipped_name_of(rule: LearnedRule) -> str | None:
+    """The name of the shipped rule (``default-v3``, ...) whose content hash equals ``rule``'s, if any."""
+    from .pretrained import load_shipped_rule, shipped_rule_names
+
+    digest = rule.content_hash()
+    matches = []
+    for name in shipped_rule_names():
+        try:
+            if load_shipped_rule(name).content_hash() == digest:
+                matches.append(name)
+        except Exception:  # a broken shipped rule must not break writing a card
+            continue
+    versioned = [m for m in matches if m != "default"]
+    return (f"{versioned[0]} (= default)" if versioned and "default" in matches else (versioned or matches or [None])[0])
 
 
 def _not_meta_trained_note(provenance: dict[str, Any]) -> str:
@@ -254,19 +324,88 @@ def _state_summary(bundle: Bundle) -> str:
 # ---- whole cards -----------------------------------------------------------------------------------------------
 
 
-def model_card(bundle: Bundle) -> str:
-    """The README.md of a bundle (sealed; the usage snippet names `REPO_PLACEHOLDER` until pushed)."""
+def _rule_identity(rule: LearnedRule) -> str:
+    """One line naming the rule: its shipped name (when it is one), hash, and how it was made."""
+    provenance = rule.provenance
+    name = shipped_name_of(rule)
+    made = provenance.get("method") or "unknown method"
+    if provenance.get("meta_steps"):
+        made += f", {provenance['meta_steps']} meta-steps"
+    if provenance.get("recipe"):
+        made += f", recipe `{provenance['recipe']}`"
+    named = f"shipped rule `{name}`" if name else "a custom rule"
+    return f"Learned rule: {named}, content hash `{rule.content_hash()[:16]}` ({made}; full provenance below)."
+
+
+def _training_section(metrics: dict[str, Any] | None, training: dict[str, Any] | None, datasets: Any) -> str:
+    rows = []
+    if datasets:
+        rows.append(("data", ", ".join(datasets) if isinstance(datasets, (list, tuple)) else str(datasets)))
+    for key, value in (training or {}).items():
+        rows.append((key, value))
+    for key, value in (metrics or {}).items():
+        rows.append((f"eval {key}", value))
+    if not rows:
+        return ""
+    table = "\n".join(["| | |", "|---|---|", *[f"| {_cell(k)} | {_cell(v)} |" for k, v in rows]])
+    return f"## Training and results\n\n{table}\n\n"
+
+
+def model_card(
+    bundle: Bundle,
+    *,
+    license: str | None = None,
+    base_model: str | list[str] | None = None,
+    datasets: str | list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    tasks: str | list[str] | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
+    training: dict[str, Any] | None = None,
+) -> str:
+    """The README.md of a bundle (sealed; the usage snippet names `REPO_PLACEHOLDER` until pushed).
+
+    ``license``, ``base_model``, ``datasets``, ``language`` and ``tags`` go to the YAML metadata; ``metrics``
+    (e.g. Trainer's eval results) become ``model-index`` results and a table with ``training`` (step count,
+    lr, schedule). An adapter bundle follows PEFT's card conventions (``library_name: peft``, tags ``lora``,
+    ``base_model:adapter:<base>``), with the ``optbundle`` tags.
+    """
     provenance = bundle.rule.provenance
     kind_tags = {"peft": ["peft"], "transformers": ["transformers"]}.get(bundle.kind, [])
-    header = card_metadata(provenance, base_model=base_model_of(bundle), extra_tags=kind_tags)
+    bases = _hub_ids(base_model) if base_model else base_model_of(bundle)
+    library_name = "optbundle"
+    if bundle.kind == "peft":
+        library_name = "peft"
+        kind_tags = ["peft", "transformers"]
+        peft_config = getattr(bundle.model, "active_peft_config", None)
+        if str(getattr(getattr(peft_config, "peft_type", None), "value", "")) == "LORA":
+            kind_tags.append("lora")
+        kind_tags += [f"base_model:adapter:{b}" for b in bases]
+    task = tasks[0] if isinstance(tasks, list) and tasks else tasks or task_of(bundle.model)
+    dataset_list = [d for d in ([datasets] if isinstance(datasets, str) else list(datasets or [])) if isinstance(d, str) and d]
+    dataset_ids = _hub_ids(dataset_list)
+    eval_results = eval_results_of(metrics or {}, task=task, dataset=dataset_ids[0] if dataset_ids else None)
+    header = card_metadata(
+        provenance, base_model=bases, extra_tags=[*kind_tags, *(tags or [])], library_name=library_name,
+        license=license, language=language, datasets=dataset_ids, model_name=model_name or type(bundle.model).__name__,
+        eval_results=eval_results, pipeline_tag=task if bundle.kind == "peft" and task == "text-generation" else None,
+    )
     results = results_section(provenance)
-    body = f"""# {type(bundle.model).__name__} + learned optimizer
+    load = (
+        "The adapter also loads with PEFT alone: `PeftModel.from_pretrained(base_model, repo)`."
+        if bundle.kind == "peft" else
+        "The model also loads with transformers alone: `AutoModel*.from_pretrained(repo)` (the `optimizer/` folder is ignored)."
+    )
+    body = f"""# {model_name or type(bundle.model).__name__} + learned optimizer
 
 This repository is an [optbundle](https://pypi.org/project/optbundle/) bundle: model weights together with
 the learned optimizer that fine-tunes them (`optimizer/`). Every file is listed with its size and sha256 in
 `bundle.json` and verified on load; only safetensors and JSON are read.
 
-{_not_meta_trained_note(provenance)}## The rule
+{_not_meta_trained_note(provenance)}{_training_section(metrics, training, dataset_list)}## The rule
+
+{_rule_identity(bundle.rule)}
 
 {rule_summary(bundle.rule)}
 
@@ -281,10 +420,12 @@ the learned optimizer that fine-tunes them (`optimizer/`). Every file is listed 
 ```python
 from optbundle import Bundle
 from transformers import Trainer, TrainingArguments
-bundle = Bundle.from_pretrained("{REPO_PLACEHOLDER}")
+bundle = Bundle.from_pretrained("{REPO_PLACEHOLDER}")  # verifies every file against bundle.json
 trainer = Trainer(model=bundle.model, args=TrainingArguments("out"), train_dataset=train_dataset, optimizers=bundle.optimizer())
 trainer.train()
 ```
+
+{load}
 """
     return seal_card(f"---\n{header}\n---\n\n{body}")
 

@@ -127,9 +127,11 @@ def _human_size(size: int) -> str:
 
 
 def _push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", type=Path, metavar="DIR", help="a saved bundle, rule repo or rule folder")
+    parser.add_argument("directory", type=Path, metavar="DIR",
+                        help="a saved bundle, rule repo or rule folder (`hf upload`'s order REPO_ID DIR works too)")
     parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo 'namespace/name' (created if missing)")
     parser.add_argument("--revision", help="branch to push to (default: main; created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     parser.add_argument("--private", action="store_true", default=None, help="create the repo private")
     parser.add_argument("--commit-message", help="message of the commit (default: says what is uploaded)")
     parser.add_argument("--overwrite-card", action="store_true", help="replace a README.md edited on the Hub")
@@ -142,7 +144,10 @@ def push(args: argparse.Namespace) -> int:
     from .rule import RULE_CONFIG_NAME, LearnedRule
 
     directory: Path = args.directory
+    if not directory.exists() and Path(args.repo_id).is_dir():  # `hf upload REPO_ID PATH` order
+        directory, args.repo_id = Path(args.repo_id), str(args.directory)
     options = dict(
+        create_pr=args.create_pr,
         revision=args.revision,
         private=args.private,
         commit_message=args.commit_message,
@@ -158,6 +163,8 @@ def push(args: argparse.Namespace) -> int:
         raise BundleError(f"{directory}: has neither {MANIFEST_NAME} (a bundle) nor {RULE_CONFIG_NAME} (a rule)")
     print(f"pushed {directory} to {args.repo_id}@{commit.oid}")
     print(f"commit: {commit.commit_url}")
+    if commit.pr_url:
+        print(f"pull request: {commit.pr_url} (load it with --revision {commit.pr_revision})")
     return 0
 
 
@@ -184,7 +191,8 @@ def pull(args: argparse.Namespace) -> int:
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="DIR_OR_REPO_ID", help="a bundle or rule folder, or a Hub repo id")
+    parser.add_argument("target", metavar="DIR_OR_REPO_ID",
+                        help="a bundle or rule folder, a shipped rule name (default, default-v2, ...), or a Hub repo id")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-verify", action="store_true", help="skip the size/sha256 check of local files")
     _hub_download_options(parser)
@@ -216,6 +224,23 @@ def safetensors_parameter_count(path: Path) -> int:
             count *= dim
         total += count
     return total
+
+
+def _shipped_names() -> list[str]:
+    from .pretrained import shipped_rule_names
+
+    return shipped_rule_names()
+
+
+def _shipped_rule_dir(name: str) -> Path | None:
+    """The folder of the shipped rule ``name`` (``default`` resolves through ``aliases.json``), or None."""
+    from .pretrained import ALIASES_NAME, PRETRAINED_DIR
+
+    if name not in _shipped_names():
+        return None
+    aliases_path = PRETRAINED_DIR / ALIASES_NAME
+    aliases = json.loads(aliases_path.read_text()) if aliases_path.exists() else {}
+    return PRETRAINED_DIR / aliases.get(name, name)
 
 
 def _weight_files(manifest: dict[str, Any]) -> list[str]:
@@ -257,8 +282,14 @@ def describe(
         weights = _remote_parameter_count(snapshot, _weight_files(manifest), token=token, offline=local_files_only)
     else:
         directory = Path(target)
+        shipped = _shipped_rule_dir(str(target)) if not directory.exists() else None
+        if shipped is not None:
+            directory = shipped
         if not directory.is_dir():
-            raise BundleError(f"{directory}: not a directory, and not a Hub repo id 'namespace/name'")
+            raise BundleError(
+                f"{directory}: not a directory, a shipped rule name ({', '.join(_shipped_names())}) or a Hub repo id "
+                "'namespace/name'"
+            )
         manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
         info["source"] = {"directory": str(directory)}
         verify_names = list(manifest["files"]) if manifest else []
@@ -436,7 +467,7 @@ def finetune(args: argparse.Namespace) -> int:
     from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
 
     recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
-    run_recipe(recipe)
+    run_recipe(recipe, announce=lambda line: print(line, flush=True))
     results = Path(recipe.optim.results_dir)
     print((results / "results.md").read_text())
     print(f"loss curves: {results / 'loss_curves.png'}")

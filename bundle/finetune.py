@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,11 +52,30 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(metadata={"help": "sms-spam | shakespeare | vader-<tweets|amazonReviewSnippets|nytEditorialSnippets>"})
+    dataset: str = field(metadata={"help": (
+        "built-in: sms-spam | shakespeare | vader-<tweets|amazonReviewSnippets|nytEditorialSnippets>; anything else "
+        "is datasets.load_dataset's path: json | csv | parquet | text (with data_files), a local folder or a Hub id"
+    )})
+    data_files: dict | str | None = field(default=None, metadata={"help": (
+        "load_dataset's data_files: a file, or {split: file(s)}; relative paths are tried beside the recipe first"
+    )})
+    dataset_config: str | None = field(default=None, metadata={"help": "load_dataset's name (a configuration)"})
+    train_split: str = field(default="train", metadata={"help": "split to train on (load_dataset data)"})
+    eval_split: str | None = field(default=None, metadata={"help": (
+        "held-out split (default: validation, eval or test when present, else a split_seed split of train)"
+    )})
+    text_column: str = field(default="text", metadata={"help": "column holding the text (load_dataset data)"})
+    label_column: str = field(default="label", metadata={"help": "column holding the class (classification)"})
     max_length: int = field(default=128, metadata={"help": "tokens per example (LM: per chunk)"})
-    train_size: int = field(default=800)
-    eval_size: int = field(default=400)
+    train_size: int = field(default=800, metadata={"help": "examples (LM: chunks) to train on, at most"})
+    eval_size: int = field(default=400, metadata={"help": "held-out examples (LM: chunks), at most"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/eval split (not of the batch order)"})
+    #: the recipe's folder (set by `load_recipe`): relative ``data_files`` are looked up there first
+    recipe_dir: str | None = field(default=None, metadata={"help": "set from the recipe's path; not a recipe key"})
+
+    @property
+    def builtin(self) -> bool:
+        return self.dataset in ("sms-spam", "shakespeare") or self.dataset.startswith("vader-")
 
 
 @dataclass
@@ -112,14 +132,87 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         path, (TrainingArguments, ModelArguments, DataArguments, OptimizerArguments), overrides,
         defaults={"output_dir": "outputs/finetune/trainer", "report_to": "none"},
     )
+    data_args.recipe_dir = str(path.parent)
     return Recipe(training, model, data_args, optim, name=path.stem)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
 
 
+def _resolve_data_files(data_files: Any, base: str | None) -> Any:
+    """``data_files`` with relative paths that exist beside the recipe made absolute (others left for load_dataset)."""
+    if data_files is None or base is None:
+        return data_files
+    if isinstance(data_files, dict):
+        return {k: _resolve_data_files(v, base) for k, v in data_files.items()}
+    if isinstance(data_files, (list, tuple)):
+        return [_resolve_data_files(v, base) for v in data_files]
+    candidate = Path(base) / str(data_files)
+    return str(candidate) if not Path(str(data_files)).is_absolute() and candidate.exists() else data_files
+
+
+def load_named_dataset(data: DataArguments) -> tuple[Any, Any]:
+    """``(train, eval)`` untokenized splits of ``datasets.load_dataset(data.dataset, data.dataset_config,
+    data_files=...)``: ``train_split``, and ``eval_split`` (or the first of validation/eval/test present, or a
+    ``split_seed`` split of train), each shuffled with ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
+    from datasets import load_dataset
+
+    from .refine import EVAL_SPLITS
+
+    loaded = load_dataset(data.dataset, data.dataset_config, data_files=_resolve_data_files(data.data_files, data.recipe_dir))
+    if data.train_split not in loaded:
+        raise ValueError(f"dataset {data.dataset!r}: no split {data.train_split!r}; it has {list(loaded)}")
+    train = loaded[data.train_split].shuffle(seed=data.split_seed)
+    names = [data.eval_split] if data.eval_split else [n for n in EVAL_SPLITS if n in loaded]
+    if data.eval_split and data.eval_split not in loaded:
+        raise ValueError(f"dataset {data.dataset!r}: no split {data.eval_split!r}; it has {list(loaded)}")
+    if names:
+        eval_ = loaded[names[0]].shuffle(seed=data.split_seed)
+    else:  # hold out a part of train, in the recipe's proportions
+        held = min(data.eval_size, max(1, len(train) * data.eval_size // (data.train_size + data.eval_size)))
+        if held >= len(train):
+            raise ValueError(f"dataset {data.dataset!r}: {len(train)} examples are too few to hold {held} out")
+        eval_, train = train.select(range(held)), train.select(range(held, len(train)))
+    return train, eval_
+
+
+def _tokenized_named_dataset(data: DataArguments, model_args: ModelArguments, tokenizer) -> tuple[Any, Any]:
+    """`load_named_dataset`'s splits, tokenized: classification keeps ``label_column`` as ``labels`` (string
+    classes numbered in sorted order); causal-lm concatenates ``text_column`` and cuts ``max_length`` chunks."""
+    from datasets import Dataset
+
+    train, eval_ = load_named_dataset(data)
+    for split in (train, eval_):
+        if data.text_column not in split.column_names:
+            raise ValueError(f"dataset {data.dataset!r}: no text column {data.text_column!r}; columns {split.column_names}")
+    if model_args.task == "causal-lm":
+        out = []
+        for split, want in ((train, data.train_size), (eval_, data.eval_size)):
+            ids = tokenizer("\n\n".join(list(split[data.text_column])))["input_ids"]
+            chunks = [ids[i : i + data.max_length] for i in range(0, len(ids) - data.max_length + 1, data.max_length)]
+            if not chunks:
+                raise ValueError(f"dataset {data.dataset!r}: fewer than max_length={data.max_length} tokens in a split")
+            out.append(Dataset.from_dict({"input_ids": chunks[:want]}))
+        return out[0], out[1]
+    if data.label_column not in train.column_names:
+        raise ValueError(f"dataset {data.dataset!r}: no label column {data.label_column!r}; columns {train.column_names}")
+    classes = sorted({*list(train[data.label_column]), *list(eval_[data.label_column])}, key=str)
+    numbered = {c: i for i, c in enumerate(classes)} if any(isinstance(c, str) for c in classes) else None
+    if len(classes) > model_args.num_labels or (numbered is None and max(classes) >= model_args.num_labels):
+        raise ValueError(f"dataset {data.dataset!r}: classes {classes[:10]} do not fit num_labels={model_args.num_labels}")
+    out = []
+    for split, want in ((train, data.train_size), (eval_, data.eval_size)):
+        split = split.select(range(min(want, len(split))))
+        labels = [numbered[v] if numbered else int(v) for v in list(split[data.label_column])]
+        encoded = tokenizer(list(split[data.text_column]), truncation=True, max_length=data.max_length)
+        out.append(Dataset.from_dict({**{k: encoded[k] for k in encoded}, "labels": labels}))
+    return out[0], out[1]
+
+
 def build_datasets(data: DataArguments, model_args: ModelArguments, tokenizer):
     """``(train, eval)`` tokenized datasets; disjoint splits drawn with ``split_seed``."""
+    if not data.builtin:
+        return _tokenized_named_dataset(data, model_args, tokenizer)
     if model_args.task == "sequence-classification":
         if data.dataset == "sms-spam":
             texts, labels = assets.sms_spam()
@@ -256,8 +349,11 @@ def run_one(
     return row
 
 
-def run_recipe(recipe: Recipe) -> list[dict[str, Any]]:
-    """All runs of a recipe; writes results.md, results.json, loss_curves.png (and the learned bundle)."""
+def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """All runs of a recipe; writes results.md, results.json, loss_curves.png (and the learned bundle).
+
+    ``announce`` (e.g. ``print``; the CLI passes it) receives one line naming each run before it starts, so a log
+    says which run it belongs to."""
     from . import load_rule
 
     results_dir = Path(recipe.optim.results_dir)
@@ -269,9 +365,16 @@ def run_recipe(recipe: Recipe) -> list[dict[str, Any]]:
     plan += [("learned", lr) for lr in recipe.optim.rule_lrs] + [("adamw", lr) for lr in recipe.optim.adamw_lrs]
     rows = []
     best_learned = None
+    total = len(recipe.optim.seeds) * len(plan)
+    index = 0
     for seed in recipe.optim.seeds:
         for name, lr in plan:
-            logger.info("run %s lr=%s seed=%d", name, "rule default" if lr is None else f"{lr:g}", seed)
+            index += 1
+            line = (f"run {index}/{total}: {'learned rule ' + repr(recipe.optim.rule) if name == 'learned' else 'AdamW'}, "
+                    f"lr {'(the rule default)' if lr is None else f'{lr:g}'}, seed {seed}")
+            logger.info(line)
+            if announce is not None:
+                announce(line)
             row = run_one(recipe, name, lr, seed, train, eval_, tokenizer, rule)
             bundle = row.pop("_bundle", None)
             if bundle is not None and (best_learned is None or row["eval_loss"] < best_learned[0]):

@@ -268,6 +268,18 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+#: Files `transformers.Trainer` writes beside the model in a checkpoint (or output) folder. They are pickles
+#: that only Trainer's resume reads; transformers' and PEFT's ``from_pretrained`` and optbundle never open them,
+#: so a Trainer checkpoint that is also a bundle (`optbundle.trainer.BundleCallback`) may hold them.
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state.pth", "rng_state_*.pth")
+
+
+def is_trainer_file(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRAINER_FILES)
+
+
 def verify_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Check that every listed file exists with the listed size and sha256, and that no pickle is present."""
     directory = Path(directory)
@@ -286,5 +298,10 @@ def verify_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         if digest != entry["sha256"]:
             raise ChecksumError(f"{path}: sha256 {digest[:16]}… does not match {MANIFEST_NAME} ({entry['sha256'][:16]}…)")
     for path in directory.rglob("*"):
+        in_trainer_folder = path.parent == directory or (
+            path.parent.parent == directory and path.parent.name.startswith("checkpoint-")
+        )
+        if in_trainer_folder and is_trainer_file(path.name) and path.relative_to(directory).as_posix() not in manifest["files"]:
+            continue  # Trainer's own resume files (output dir, checkpoint-N/): never read by a bundle loader
         if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"):
             raise UnsafePathError(f"{path}: bundles hold only safetensors and JSON; refusing a possibly pickled file")

@@ -34,6 +34,7 @@ from .format import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     BundleError,
+    ChecksumError,
     MissingFileError,
     atomic_directory,
     atomic_write_bytes,
@@ -346,7 +347,16 @@ def load_bundle_from_hub(
             "optbundle.load_rule"
         )
     with _located(snapshot):
-        return bundle_cls.from_pretrained(snapshot.directory, **load_kwargs)
+        try:
+            return bundle_cls.from_pretrained(snapshot.directory, **load_kwargs)
+        except ChecksumError as err:
+            raise ChecksumError(
+                f"{err}. A file changed after optbundle wrote {MANIFEST_NAME}: most likely a plain model was pushed "
+                "into this bundle repo (model.push_to_hub, or trainer.push_to_hub without optbundle's BundleCallback). "
+                f"To recover: load the last bundle commit with Bundle.from_pretrained({repo_id!r}, revision=<sha>), "
+                "or rebuild the bundle around the pushed weights and push it again: "
+                f"Bundle(AutoModelFor...from_pretrained({repo_id!r}), load_rule({repo_id!r})).push_to_hub({repo_id!r})"
+            ) from None
 
 
 def rule_files(manifest: dict[str, Any]) -> list[str]:
@@ -482,15 +492,19 @@ def push_directory(
     revision: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     token: str | bool | None = None,
+    create_pr: bool = False,
     overwrite_card: bool = False,
     endpoint: str | None = None,
 ) -> CommitInfo:
     """Push a saved bundle or rule-repo folder to ``repo_id`` as one commit; returns the `CommitInfo`
-    (``.oid`` is the new commit's sha, ``.commit_url`` its page).
+    (``.oid`` is the new commit's sha, ``.commit_url`` its page; it is a ``str`` of the commit URL, as
+    transformers' ``push_to_hub`` returns).
 
     The folder is verified against its ``bundle.json`` first; only the files the manifest lists, ``bundle.json``
-    and ``README.md`` are uploaded. ``revision`` names the branch (created from ``main`` if missing).
+    and ``README.md`` are uploaded. ``revision`` names the branch (created from ``main`` if missing);
+    ``create_pr=True`` opens a pull request against it instead (``.pr_url``, ``.pr_revision`` to load it).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
@@ -563,8 +577,10 @@ def push_directory(
             repo_id,
             operations=operations,
             commit_message=commit_message,
+            commit_description=commit_description,
             revision=branch,
             parent_commit=head,
+            create_pr=create_pr,
         )
     except Exception as err:
         from huggingface_hub.errors import HfHubHTTPError
@@ -587,10 +603,22 @@ def _head_report(api: Any, repo_id: str, branch: str, head: str) -> str:
     return f"the branch moved from {head[:12]} to {now[:12]} (another push?)"
 
 
-def push_bundle(bundle: Bundle, repo_id: str, *, save_state: bool = True, **push_kwargs: Any) -> CommitInfo:
+def push_bundle(
+    bundle: Bundle,
+    repo_id: str,
+    *,
+    save_state: bool = True,
+    state_dtype: Any = None,
+    max_shard_size: int | str | None = None,
+    card_info: dict[str, Any] | None = None,
+    **push_kwargs: Any,
+) -> CommitInfo:
     """Save ``bundle`` to a temporary folder and push it as one commit (see `push_directory`)."""
+    save_kwargs: dict[str, Any] = {"save_state": save_state, "max_shard_size": max_shard_size, "card_info": card_info}
+    if state_dtype is not None:
+        save_kwargs["state_dtype"] = state_dtype
     with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
-        folder = bundle.save_pretrained(Path(scratch) / "bundle", save_state=save_state)
+        folder = bundle.save_pretrained(Path(scratch) / "bundle", **save_kwargs)
         return push_directory(folder, repo_id, **push_kwargs)
 
 

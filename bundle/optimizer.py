@@ -118,11 +118,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
         self.regime = regime
+        first = rules[DEFAULT_RULE_NAME] if DEFAULT_RULE_NAME in rules else next(iter(rules.values()))
         if lr is None:
-            first = rules[DEFAULT_RULE_NAME] if DEFAULT_RULE_NAME in rules else next(iter(rules.values()))
             lr = float(first.config.recommended_lr[regime])
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
+        _check_lr_range(first, float(lr), regime)
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
@@ -221,6 +222,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if reason is None:
             return
         self.state[param]["skipped_steps"] += 1
+        if reason == "gradient" and "non-finite gradient" not in _LOGGED:
+            _LOGGED.add("non-finite gradient")
+            logger.warning("a non-finite gradient (tensor of shape %s): that tensor's step is skipped and counted in "
+                           "its skipped_steps; later skips are only counted (BundleCallback logs them)", tuple(param.shape))
         if reason == "update":
             logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
 
@@ -332,6 +337,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 }
                 restored.append(name)
         return restored
+
+
+#: an ``lr`` outside [recommended / LR_RANGE_FACTOR, recommended · LR_RANGE_FACTOR] is warned about (once)
+LR_RANGE_FACTOR = 30.0
+
+
+def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
+    """Warn once when ``lr`` is far from the rule's ``recommended_lr[regime]`` (training would stall or blow up).
+
+    The usual mistake: AdamW's habit ``lr=1e-3`` given to a format-1 rule, whose ``lr`` is a multiplier (1 = as
+    meta-trained), or a format-1 multiplier (1.0) given to a format-2 rule, whose ``lr`` is AdamW's.
+    """
+    recommended = float(rule.config.recommended_lr[regime])
+    if lr == 0 or recommended / LR_RANGE_FACTOR <= lr <= recommended * LR_RANGE_FACTOR:
+        return
+    meaning = (
+        "an AdamW-equivalent learning rate" if rule.config.format_version >= 2
+        else "a multiplier on the rule's own step (1.0 = as meta-trained), not AdamW's learning rate"
+    )
+    text = (
+        f"lr={lr:g} is {'below' if lr < recommended else 'above'} the rule's recommended lr {recommended:g} "
+        f"({regime}) by more than {LR_RANGE_FACTOR:g}x; training will likely "
+        f"{'stall' if lr < recommended else 'diverge'}. For this rule (format {rule.config.format_version}) lr is "
+        f"{meaning}; pass lr=None for the recommended value"
+    )
+    if text not in _LOGGED:
+        _LOGGED.add(text)
+        logger.warning(text)
 
 
 def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -145,17 +146,53 @@ class TokenData:
         return self.input_ids[index][..., :length], mask[..., :length], labels
 
 
-def token_data(dataset: Any, pad_token_id: int, max_length: int, what: str = "dataset") -> TokenData:
-    """`TokenData` from a tokenized dataset: a `datasets.Dataset`, a list of dicts, or anything indexable
-    yielding dicts with ``input_ids`` (and optionally ``attention_mask`` and ``labels``; without ``labels`` the
-    examples are language modelling: labels = input_ids)."""
+#: at most this many examples are read from an `IterableDataset` (a stream has no length)
+ITERABLE_LIMIT = 4096
+
+#: split names taken as the held-out data of a `DatasetDict`, in order of preference
+EVAL_SPLITS = ("validation", "eval", "test")
+
+
+def split_dataset_dict(dataset: Any, eval_dataset: Any = None, what: str = "train_dataset") -> tuple[Any, Any]:
+    """``(train, eval)`` from a `datasets.DatasetDict` (or any mapping of named splits): its ``"train"`` split,
+    and, unless ``eval_dataset`` is given, its first split named in `EVAL_SPLITS`. Other inputs pass through."""
+    if not isinstance(dataset, Mapping) or "input_ids" in dataset:
+        return dataset, eval_dataset
+    splits = list(dataset)
+    if "train" not in dataset:
+        raise ValueError(f"{what}: a DatasetDict needs a 'train' split; it has {splits}")
+    if eval_dataset is None:
+        eval_dataset = next((dataset[name] for name in EVAL_SPLITS if name in dataset), None)
+    return dataset["train"], eval_dataset
+
+
+def _rows(dataset: Any, what: str, limit: int) -> list[Any]:
+    """The examples of a sized dataset, or the first ``limit`` of an iterable one (`datasets.IterableDataset`)."""
     try:
         size = len(dataset)
     except TypeError:
-        raise TypeError(f"{what}: expected a sized dataset of tokenized examples, got {type(dataset).__name__}") from None
+        size = None
+    if size is not None:
+        return [dataset[i] for i in range(size)]
+    if not hasattr(dataset, "__iter__") or isinstance(dataset, (str, bytes, Mapping)):
+        raise TypeError(f"{what}: expected a dataset of tokenized examples, got {type(dataset).__name__}")
+    rows = list(itertools.islice(iter(dataset), limit))
+    logger.info("%s: read %d examples from an iterable dataset (at most %d)", what, len(rows), limit)
+    return rows
+
+
+def token_data(
+    dataset: Any, pad_token_id: int, max_length: int, what: str = "dataset", limit: int = ITERABLE_LIMIT
+) -> TokenData:
+    """`TokenData` from a tokenized dataset: a `datasets.Dataset`, an `IterableDataset` (its first ``limit``
+    examples), a list of dicts, or anything indexable yielding dicts with ``input_ids`` (and optionally
+    ``attention_mask`` and ``labels``). ``labels`` may be one class per example (sequence classification) or one
+    token id per position (causal LM, as `DataCollatorForLanguageModeling` makes them, -100 = ignored);
+    without ``labels`` the examples are language modelling: labels = input_ids."""
+    rows = _rows(dataset, what, limit)
+    size = len(rows)
     if size == 0:
         raise ValueError(f"{what} is empty")
-    rows = [dataset[i] for i in range(size)]
     if not all(isinstance(r, Mapping) and "input_ids" in r for r in rows):
         raise ValueError(f"{what}: every example must be a mapping with 'input_ids' (tokenize it first)")
     ids = [list(r["input_ids"])[:max_length] for r in rows]
@@ -169,13 +206,24 @@ def token_data(dataset: Any, pad_token_id: int, max_length: int, what: str = "da
         input_ids[i, : len(x)] = torch.tensor(x)
         attention[i, : len(m)] = torch.tensor(m)
     has_labels = "labels" in rows[0] or "label" in rows[0]
-    if has_labels:
-        key = "labels" if "labels" in rows[0] else "label"
-        labels = torch.tensor([r[key] for r in rows])
-        if labels.dim() != 1:
-            raise ValueError(f"{what}: '{key}' must be one class per example")
-    else:
-        labels = input_ids.masked_fill(attention == 0, -100)
+    if not has_labels:
+        return TokenData(input_ids, attention, input_ids.masked_fill(attention == 0, -100))
+    key = "labels" if "labels" in rows[0] else "label"
+    values = [r[key] for r in rows]
+    per_token = [isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1) for v in values]
+    if all(per_token):  # causal-LM labels: one per position, aligned with input_ids
+        labels = torch.full((size, length), -100, dtype=torch.long)
+        for i, (v, x) in enumerate(zip(values, ids)):
+            v = list(v)[: len(x)]
+            if len(v) != len(x):
+                raise ValueError(f"{what}: example {i} has {len(v)} '{key}' for {len(x)} tokens")
+            labels[i, : len(v)] = torch.tensor(v, dtype=torch.long)
+        return TokenData(input_ids, attention, labels.masked_fill(attention == 0, -100))
+    if any(per_token):
+        raise ValueError(f"{what}: '{key}' mixes one class per example with one label per token")
+    labels = torch.tensor(values)
+    if labels.dim() != 1:
+        raise ValueError(f"{what}: '{key}' must be one class per example or one label per token")
     return TokenData(input_ids, attention, labels)
 
 
@@ -376,6 +424,7 @@ def refine_bundle(
     if not trainable:
         raise ValueError("the bundle's model has no trainable parameters (requires_grad) to fine-tune")
     pad = _pad_token_id(bundle, model)
+    train_dataset, eval_dataset = split_dataset_dict(train_dataset, eval_dataset)
     train = token_data(train_dataset, pad, cfg.max_tokens, "train_dataset")
     split = "eval_dataset"
     if eval_dataset is not None:

@@ -11,7 +11,8 @@ route                                                       used by
 ``POST /api/models/{repo}/preupload/{rev}``                 ``create_commit`` (always answers ``"regular"``:
                                                             files travel inline, no LFS/Xet server needed)
 ``POST /api/models/{repo}/commit/{rev}``                    ``create_commit`` (ndjson: header, file, deletedFile,
-                                                            deletedFolder; ``parentCommit`` checked → 412)
+                                                            deletedFolder; ``parentCommit`` checked → 412;
+                                                            ``?create_pr=1`` commits to a new ``refs/pr/N``)
 ``POST /api/models/{repo}/branch/{branch}``                 ``HfApi.create_branch``
 ``GET  /api/models/{repo}[/revision/{rev}]``                ``HfApi.model_info`` / ``repo_info`` (``sha``)
 ``GET  /api/models/{repo}/refs``                            ``HfApi.list_repo_refs``
@@ -367,11 +368,22 @@ class _Handler(BaseHTTPRequestHandler):
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         except json.JSONDecodeError as err:
             raise HubHTTPError(400, f"commit payload is not ndjson: {err}") from None
+        pr_url = None
         with self.hub.lock:
             repo = self.hub._repo(namespace, name)
+            if query.get("create_pr", ["0"])[0] in ("1", "true"):
+                # a pull request: a new ref refs/pr/N from the base branch (or parentCommit), the commit goes there
+                number = 1 + sum(1 for b in repo.branches if b.startswith("refs/pr/"))
+                base = self.hub._resolve(repo, revision)
+                if lines and lines[0].get("key") == "header" and lines[0]["value"].get("parentCommit"):
+                    base = self.hub._resolve(repo, lines[0]["value"]["parentCommit"])
+                    lines[0]["value"]["parentCommit"] = None
+                revision = f"refs/pr/{number}"
+                repo.branches[revision] = base
+                pr_url = f"{self.hub.endpoint}/{repo.repo_id}/discussions/{number}"
             commit = self.hub.apply_commit(repo, revision, lines)
         url = f"{self.hub.endpoint}/{repo.repo_id}/commit/{commit.oid}"
-        self._json(200, {"commitUrl": url, "commitOid": commit.oid, "pullRequestUrl": None})
+        self._json(200, {"commitUrl": url, "commitOid": commit.oid, "pullRequestUrl": pr_url})
 
     def create_branch(self, query: dict, namespace: str, name: str, branch: str) -> None:
         payload = json.loads(self._body() or b"{}")

@@ -29,8 +29,8 @@ def main() -> None:
     model = digits_bert()
     # BERT's forward takes **kwargs, so transformers 5.x assumes its loss is normalized by num_items_in_batch and
     # multiplies it by the world size under DDP; BERT ignores num_items_in_batch, so that would double the
-    # gradients on 2 ranks. Declaring that the model takes no loss kwargs keeps the plain mean.
-    model.accepts_loss_kwargs = False
+    # gradients on 2 ranks. bundle.optimizer() declares that the model takes no loss kwargs (keep_loss_scaling),
+    # which keeps the plain mean: the script does not set it itself.
     bundle = Bundle(model, load_rule("default"))
     ddp = {"ddp_backend": "gloo", "ddp_find_unused_parameters": False} if world > 1 else {}
     args = trainer_args(out / "trainer", 6, per_device_train_batch_size=GLOBAL_BATCH // world, **ddp)
