@@ -369,6 +369,8 @@ def learned_update(
     time = time_features(config, time_step, param.dtype) if config.num_time_inputs else None
     output = apply_network(config, weights, features, normalizers, time)
     step = output_step(config, output, param, new_state, batch_dims, grad=grad, role=role)
+    if config.schedule == "inverse_sqrt":  # the rule's own decay: lr · (1 + t/T)^-½, t = completed steps
+        lr = lr * torch.rsqrt(1.0 + time_step.to(torch.float32) / config.schedule_steps)
     if isinstance(lr, torch.Tensor):
         lr = lr.reshape((*lr.shape, *([1] * (param.dim() - lr.dim()))))
     new_param = param - lr * step

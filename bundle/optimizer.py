@@ -30,7 +30,7 @@ import torch
 from . import fast_step
 from . import features as F
 from .format import StateMismatchError
-from .roles import assign_roles, check_roles
+from .roles import assign_roles, check_roles, regime_lr_factor
 from .rule import REGIMES, LearnedRule
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if config.output == "hybrid_residual" and backend != "reference":
             _log_once("the %s output form runs on the reference back end", config.output)
             backend = "reference"
+        if config.finetune_head_lr != "finetune" and self.regime == "finetune":  # per-role lr: the reference has it
+            backend = "reference"
         if backend == "triton":
             kernels = _triton_kernels()
             reason = kernels.unsupported_reason(config) if kernels is not None else "Triton unavailable"
@@ -240,9 +242,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._count_skip(param, "gradient")
             return
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
+        role = self._roles.get(param)
+        lr = lr * regime_lr_factor(config, role, self.regime)
         new_param, new_state = F.learned_update(
             config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay,
-            role=self._roles.get(param),
+            role=role,
         )
         if not torch.isfinite(new_param).all():
             self._count_skip(param, "update")

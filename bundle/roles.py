@@ -80,3 +80,12 @@ def step_multiplier(config: RuleConfig, role: str | None, shape: Sequence[int]) 
         elif role == "head" and len(shape) >= 2:
             multiplier *= min(1.0, config.base_fan_in / fan_in(shape))
     return multiplier
+
+
+def regime_lr_factor(config: RuleConfig, role: str | None, regime: str) -> float:
+    """The factor on ``lr`` for a tensor of ``role`` in ``regime``: with ``finetune_head_lr: scratch``, a head
+    being fine-tuned (a new layer on a pretrained body) trains at the scratch lr, i.e. ``lr`` ×
+    ``recommended_lr.scratch / recommended_lr.finetune``; 1 otherwise."""
+    if regime == "finetune" and role == "head" and config.finetune_head_lr == "scratch":
+        return float(config.recommended_lr["scratch"]) / float(config.recommended_lr["finetune"])
+    return 1.0

@@ -61,7 +61,7 @@ SMALL_FC_LOPT_FEATURES = [g for g in FEATURE_GROUPS if g != "adam_direction"]
 
 OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual", "hybrid_residual")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
-SCHEDULES = ("constant",)
+SCHEDULES = ("constant", "inverse_sqrt")
 FACTORED_DIMS = ("last_two",)
 #: Parameter roles (see `roles.py`): hidden matrices, 1-D tensors (biases, norms), embeddings, output heads,
 #: and adapter matrices (LoRA A/B).
@@ -71,6 +71,11 @@ REGIMES = ("scratch", "finetune")
 WIDTH_SCALINGS = ("none", "mup")
 
 #: Values the fields added in rule format 2 take for a format-1 rule (which behaves exactly as before).
+#: Fields added to format 2 after rules of it were published: a JSON without them gets these values, and a
+#: config equal to them serializes without them (so earlier rules keep their bytes and content hash).
+LATE_DEFAULTS: dict[str, Any] = {"finetune_head_lr": "finetune", "schedule_steps": 1000.0}
+#: ``finetune_head_lr`` values: the lr that role-"head" tensors train at in the "finetune" regime
+FINETUNE_HEAD_LRS = ("finetune", "scratch")
 V1_DEFAULTS: dict[str, Any] = {
     "recommended_lr": {"scratch": 1.0, "finetune": 1.0},
     "role_lr": {role: 1.0 for role in ROLES},
@@ -108,6 +113,14 @@ class RuleConfig:
     ``recommended_lr`` is the ``lr`` the rule runs at when none is given, per regime ("scratch": a freshly
     initialized model, "finetune": a pretrained one). For format-1 rules it is 1 (``lr`` is a multiplier on a
     step whose size is ``step_mult``); format-2 rules with ``step_mult`` 1 take ``lr`` as AdamW's learning rate.
+    ``schedule``: "constant", or "inverse_sqrt" (format 2): the rule's own decay, ``lr · (1 + t/schedule_steps)^-½``
+    at step ``t`` (counted per tensor from the start of its accumulators; a Trainer schedule multiplies on top).
+
+    ``finetune_head_lr`` ("finetune" or "scratch"): in the "finetune" regime, role-"head" tensors (a task head
+    put on a pretrained body: a classifier, PEFT's ``modules_to_save``) are new layers; "scratch" steps them
+    at ``lr · recommended_lr.scratch / recommended_lr.finetune``, i.e. as if trained from scratch
+    (`roles.regime_lr_factor`). Pretrained output layers that should keep the fine-tuning lr are overridden to
+    another role (``Bundle(roles=...)``); tied LM heads are embeddings and are not affected.
 
     With ``param_scale`` the step is further multiplied by ``max(RMS(p), param_scale_min)`` (VeLO/Celo-style
     relative updates). Weight decay is decoupled and scaled by ``step_mult``, so ``weight_decay`` means what it
@@ -137,6 +150,7 @@ class RuleConfig:
     param_scale: bool = False
     param_scale_min: float = 1e-3
     schedule: str = "constant"
+    schedule_steps: float = 1000.0
     recommended_lr: dict[str, float] = field(default_factory=lambda: dict(V1_DEFAULTS["recommended_lr"]))
     role_lr: dict[str, float] = field(default_factory=lambda: dict(V1_DEFAULTS["role_lr"]))
     orthogonal_roles: list[str] = field(default_factory=list)
@@ -146,6 +160,7 @@ class RuleConfig:
     matrix_rms: float = 0.2
     width_scaling: str = "none"
     base_fan_in: int = 128
+    finetune_head_lr: str = "finetune"
     format_version: int = RULE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -266,6 +281,10 @@ class RuleConfig:
             raise bad("param_scale", f"must be true or false, got {self.param_scale!r}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if not _is_number(self.schedule_steps) or not math.isfinite(self.schedule_steps) or self.schedule_steps <= 0:
+            raise bad("schedule_steps", f"must be a finite positive number of steps, got {self.schedule_steps!r}")
+        if self.schedule != "constant" and self.output != "hybrid_residual":
+            raise bad("schedule", f"{self.schedule!r} needs the 'hybrid_residual' output (format 2); use 'constant'")
         for name, keys in (("recommended_lr", REGIMES), ("role_lr", ROLES)):
             table = getattr(self, name)
             if not isinstance(table, dict) or set(table) != set(keys):
@@ -297,6 +316,10 @@ class RuleConfig:
             raise bad("width_scaling", f"unknown value {self.width_scaling!r}; known: {', '.join(WIDTH_SCALINGS)}")
         if not isinstance(self.base_fan_in, int) or isinstance(self.base_fan_in, bool) or self.base_fan_in <= 0:
             raise bad("base_fan_in", f"must be a positive integer, got {self.base_fan_in!r}")
+        if self.finetune_head_lr not in FINETUNE_HEAD_LRS:
+            raise bad("finetune_head_lr", f"unknown value {self.finetune_head_lr!r}; known: {', '.join(FINETUNE_HEAD_LRS)}")
+        if self.format_version == 1 and self.finetune_head_lr != LATE_DEFAULTS["finetune_head_lr"]:
+            raise bad("finetune_head_lr", "needs format_version 2 (set it)")
 
     # ---- (de)serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -305,6 +328,9 @@ class RuleConfig:
             for key, value in V1_DEFAULTS.items():
                 if data[key] != value:
                     raise RuleConfigError(f"RuleConfig.{key}: needs format_version 2 (set it), got {data[key]!r}")
+                del data[key]
+        for key, value in LATE_DEFAULTS.items():
+            if data[key] == value:
                 del data[key]
         return data
 
@@ -322,6 +348,7 @@ class RuleConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         if version == 1:  # format 1 predates these fields; its rules behave as they always did
             data = {**{k: v for k, v in V1_DEFAULTS.items() if k not in data}, **data}
+        data = {**{k: v for k, v in LATE_DEFAULTS.items() if k not in data}, **data}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RuleConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")

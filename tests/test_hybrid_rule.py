@@ -367,3 +367,71 @@ def test_bundle_records_roles_and_knows_it_is_pretrained(tmp_path):
     bundle.set_state(run_opt)
     bundle.save_pretrained(tmp_path / "with-state")
     assert Bundle.from_pretrained(tmp_path / "with-state").regime == "scratch"
+
+
+def test_finetune_head_lr_trains_a_new_head_at_the_scratch_lr(tmp_path):
+    """``finetune_head_lr: scratch``: in the finetune regime the head's step is scratch/finetune times larger,
+    every other tensor's is unchanged; in the scratch regime nothing changes; the field round-trips, and rules
+    saved without it (default-v3) load as "finetune" with their bytes and hash unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    names = [n for n, _ in model.named_parameters()]
+    roles = assign_roles([(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    assert roles[names.index("2.weight")] == "head"
+
+    def one_step(head_lr: str, regime: str) -> dict[str, torch.Tensor]:
+        m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        m.load_state_dict(model.state_dict())
+        rule = hybrid_rule(finetune_head_lr=head_lr)
+        opt = LearnedOptimizer([{"params": list(m.parameters()), "param_names": names}], rule, regime=regime)
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        return {n: (p.detach() - model.state_dict()[n]) for n, p in m.named_parameters()}
+
+    base, head = one_step("finetune", "finetune"), one_step("scratch", "finetune")
+    factor = HYBRID["recommended_lr"]["scratch"] / HYBRID["recommended_lr"]["finetune"]
+    for name in names:
+        expected = factor if name == "2.weight" else 1.0
+        torch.testing.assert_close(head[name], base[name] * expected, rtol=1e-4, atol=1e-9)
+    scratch_a, scratch_b = one_step("finetune", "scratch"), one_step("scratch", "scratch")
+    for name in names:
+        torch.testing.assert_close(scratch_a[name], scratch_b[name], rtol=0, atol=0)
+
+    rule = hybrid_rule(finetune_head_lr="scratch")
+    rule.save_pretrained(tmp_path / "r")
+    assert LearnedRule.from_pretrained(tmp_path / "r").config.finetune_head_lr == "scratch"
+    with pytest.raises(RuleConfigError, match="finetune_head_lr"):
+        RuleConfig(**{**HYBRID, "finetune_head_lr": "fast"})
+    v3 = json.loads((PRETRAINED_DIR / "default-v3" / "rule_config.json").read_text())
+    assert "finetune_head_lr" not in v3
+    assert load_rule("default-v3").config.to_json() == json.dumps(v3, indent=2, sort_keys=True)
+
+
+def test_inverse_sqrt_schedule_scales_each_step_by_the_rules_decay():
+    """``schedule: inverse_sqrt``: step t's update is the constant rule's × (1 + t/schedule_steps)^-½ (same
+    accumulators, so the ratio is exact up to rounding), in the optimizer and in batched meta-training steps."""
+    torch.manual_seed(0)
+    constant, decayed = hybrid_rule(zero=False), hybrid_rule(zero=False, schedule="inverse_sqrt", schedule_steps=4.0)
+    param = torch.randn(16, 8)
+    state_c, state_d = F.init_state(constant.config, param.shape), F.init_state(decayed.config, param.shape)
+    pc, pd = param.clone(), param.clone()
+    for t in range(6):
+        grad = torch.randn(16, 8)
+        new_c, state_c = F.learned_update(constant.config, constant.weights, pc, grad, state_c, lr=1e-2, role="matrix")
+        new_d, state_d = F.learned_update(decayed.config, decayed.weights, pc, grad, state_d, lr=1e-2, role="matrix")
+        torch.testing.assert_close(pc - new_d, (pc - new_c) / math.sqrt(1 + t / 4.0), rtol=1e-4, atol=3e-7)  # fp32 rounding of p
+        pc = new_c
+    # batched (meta-training) copies: each copy decays by its own step count
+    batched = F.init_state(decayed.config, param.shape, batch_shape=(2,))
+    batched["step"] = torch.tensor([0, 8])
+    grad = torch.randn(2, 16, 8)
+    stacked = param.expand(2, 16, 8).clone()
+    new, _ = F.learned_update(decayed.config, decayed.weights, stacked, grad, batched, lr=1e-2, batch_dims=1, role="matrix")
+    one = {k: v[0] for k, v in batched.items()}
+    first, _ = F.learned_update(decayed.config, decayed.weights, stacked[0], grad[0], one, lr=1e-2, role="matrix")
+    torch.testing.assert_close(new[0], first)
+    with pytest.raises(RuleConfigError, match="schedule_steps"):
+        RuleConfig(**{**HYBRID, "schedule": "inverse_sqrt", "schedule_steps": float("nan")})
+    with pytest.raises(RuleConfigError, match="schedule"):
+        RuleConfig(**{**HYBRID, "output": "adam_residual", "orthogonal_roles": [], "schedule": "inverse_sqrt"})

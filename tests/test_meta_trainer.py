@@ -204,10 +204,10 @@ def test_reparametrization_preserves_the_function():
 
 @pytest.mark.parametrize(
     "name,recipe",
-    [("default", "meta-train-default"), ("default-v2", "meta-train-default-v2"), ("default-v1", "meta-train-default-v1")],
+    [("default-v3", "meta-train-default"), ("default-v2", "meta-train-default-v2"), ("default-v1", "meta-train-default-v1")],
 )
 def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
-    # "default" is default-v3, made by recipes/meta-train-default.yaml; default-v2 and default-v1 were made by recipes/meta-train-default-v2.yaml and -v1.yaml (each was named
+    # default-v3 is made by recipes/meta-train-default.yaml; default-v2 and default-v1 were made by recipes/meta-train-default-v2.yaml and -v1.yaml (each was named
     # meta-train-default when it was trained, which their provenance records)
     from optbundle.meta.trainer import initial_rule, load_recipe
 
@@ -232,3 +232,21 @@ def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
     before = model.weight.detach().clone()
     opt.step()
     assert torch.isfinite(model.weight).all() and not torch.equal(before, model.weight)
+
+
+def test_default_is_default_v3_phi_with_the_shipped_settings_of_ship_settings():
+    """"default" is default-v4: default-v3's φ bit for bit, with the settings of benchmarks/ship_settings.py."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ship_settings
+
+    rule, parent = load_rule("default"), load_rule("default-v3")
+    assert rule.content_hash() == load_rule("default-v4").content_hash()
+    assert torch.equal(U.flatten_rule(rule), U.flatten_rule(parent))
+    settings = {k: v for k, v in ship_settings.SETTINGS["default-v4"].items() if k != "parent"}
+    assert rule.config == dataclasses.replace(parent.config, **settings)
+    assert rule.provenance["recipe"] == "meta-train-default"
+    assert rule.provenance["settings_parent_rule"] == parent.content_hash()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import features as F
-from ..roles import assign_roles
+from ..roles import assign_roles, regime_lr_factor
 from ..rule import LearnedRule, RuleConfig
 from . import tasks as T
 
@@ -167,7 +167,8 @@ def inner_step(
         for name, leaf, grad in zip(names, leaves, grads):
             param = leaf if differentiable else leaf.detach()
             new_params[name], new_accumulators[name] = F.learned_update(
-                config, weights, param, grad.detach(), accumulators[name], lr=lr, batch_dims=1, role=roles[name]
+                config, weights, param, grad.detach(), accumulators[name], batch_dims=1, role=roles[name],
+                lr=lr * regime_lr_factor(config, roles[name], getattr(task, "regime", "scratch")),
             )
     return (losses if differentiable else losses.detach()), new_params, new_accumulators
 

@@ -1,0 +1,106 @@
+"""Ship a rule with new shipped settings (recommended lr per regime, role multipliers) and the same φ.
+
+    python benchmarks/ship_settings.py                     # bundle/pretrained/default-v4 from default-v3
+    python benchmarks/ship_settings.py --variants /tmp/v   # the variants tried on the dev suite, as rule folders
+
+A rule's φ and its shipped settings are separate decisions: φ is meta-trained (recipes/meta-train-default.yaml),
+the settings say at which lr it runs by default in each regime. default-v4 keeps default-v3's φ bit for bit and
+changes only the settings, chosen on the development suite (`python benchmarks/heldout.py --suite dev`, other
+data than the held-out suite; variants and numbers in benchmarks/results/meta-training.md §6):
+
+- ``recommended_lr.finetune`` 3e-4 → 3e-3: at 3e-4 (× the μP shrink, × the 0.2 matrix RMS) pretrained
+  matrices moved ~10x less per step than AdamW's best does;
+- ``role_lr.adapter`` 10 → 1: LoRA matrices at the fine-tuning lr itself (3e-3, where AdamW's LoRA sweeps peak);
+- ``finetune_head_lr`` "scratch": the task head on a pretrained body is a new layer; it trains at the
+  scratch lr (1e-2 × the μP head multiplier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from optbundle import LearnedRule, load_rule
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "bundle" / "pretrained"
+
+SETTINGS = {
+    "default-v4": dict(
+        parent="default-v3",
+        recommended_lr={"scratch": 1e-2, "finetune": 3e-3},
+        role_lr={"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0, "adapter": 1.0},
+        finetune_head_lr="scratch",
+    ),
+}
+
+
+_ROLES = {"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0}
+#: what was tried on the dev suite before default-v4 (``--variants DIR`` writes them as rule folders for
+#: ``heldout.py --suite dev --rule DIR/NAME``); "zero-" variants zero φ (the Muon + Adam start of meta-training)
+VARIANTS = {
+    "ft1e-3": dict(recommended_lr={"scratch": 1e-2, "finetune": 1e-3}, role_lr={**_ROLES, "adapter": 3.0}),
+    "ft3e-3": dict(recommended_lr={"scratch": 1e-2, "finetune": 3e-3}, role_lr={**_ROLES, "adapter": 1.0}),
+    "ft1e-2": dict(recommended_lr={"scratch": 1e-2, "finetune": 1e-2}, role_lr={**_ROLES, "adapter": 0.3}),
+    "ft3e-3-aux0.3": dict(recommended_lr={"scratch": 1e-2, "finetune": 3e-3},
+                          role_lr={"matrix": 1.0, "vector": 0.3, "embedding": 0.3, "head": 0.3, "adapter": 1.0}),
+    "zero-ft3e-3": dict(recommended_lr={"scratch": 1e-2, "finetune": 3e-3}, role_lr={**_ROLES, "adapter": 1.0}),
+    "zero-ft1e-2": dict(recommended_lr={"scratch": 1e-2, "finetune": 1e-2}, role_lr={**_ROLES, "adapter": 0.3}),
+    "zero-ft3e-3-aux0.3": dict(recommended_lr={"scratch": 1e-2, "finetune": 3e-3},
+                               role_lr={"matrix": 1.0, "vector": 0.3, "embedding": 0.3, "head": 0.3, "adapter": 1.0}),
+    "sc3e-3": dict(recommended_lr={"scratch": 3e-3, "finetune": 3e-3}, role_lr={**_ROLES, "adapter": 1.0}),
+    "sc5e-3": dict(recommended_lr={"scratch": 5e-3, "finetune": 3e-3}, role_lr={**_ROLES, "adapter": 1.0}),
+    "sc2e-2": dict(recommended_lr={"scratch": 2e-2, "finetune": 3e-3}, role_lr={**_ROLES, "adapter": 1.0}),
+}
+
+
+def write_variants(directory: Path) -> None:
+    import torch
+
+    parent = load_rule("default-v3")
+    for name, settings in VARIANTS.items():
+        rule = LearnedRule(dataclasses.replace(parent.config, **settings), {**parent.provenance, "variant": name})
+        rule.load_state_dict(parent.state_dict())
+        if name.startswith("zero-"):
+            with torch.no_grad():
+                for p in rule.parameters():
+                    p.zero_()
+        rule.save_pretrained(directory / name)
+        print(f"{directory / name}: {settings}")
+
+
+def ship(name: str, out: Path) -> LearnedRule:
+    settings = dict(SETTINGS[name])
+    parent = load_rule(settings.pop("parent"))
+    config = dataclasses.replace(parent.config, **settings)
+    provenance = {
+        **parent.provenance,
+        "method": "shipped settings",
+        "settings_parent": parent.provenance.get("recipe"),
+        "settings_parent_rule": parent.content_hash(),
+        "settings_changed": {k: v for k, v in settings.items()},
+        "settings_chosen_on": "python benchmarks/heldout.py --suite dev (benchmarks/results/meta-training.md §6)",
+        "settings_command": f"python benchmarks/ship_settings.py --name {name}",
+    }
+    rule = LearnedRule(config, provenance)
+    rule.load_state_dict(parent.state_dict())
+    rule.save_pretrained(out)
+    return rule
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="default-v4", choices=sorted(SETTINGS))
+    parser.add_argument("--out", type=Path, default=None, help="default: bundle/pretrained/NAME")
+    parser.add_argument("--variants", type=Path, default=None, help="write the dev-suite variants here instead")
+    args = parser.parse_args()
+    if args.variants:
+        write_variants(args.variants)
+        return
+    rule = ship(args.name, args.out or PRETRAINED / args.name)
+    print(f"{args.name}: {rule.content_hash()[:16]} ({rule.config.recommended_lr}, head in fine-tuning: "
+          f"{rule.config.finetune_head_lr})")
+
+
+if __name__ == "__main__":
+    main()
