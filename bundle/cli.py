@@ -267,7 +267,7 @@ def describe(
             names = _weight_files(manifest)
             weights = {"files": names, "count": sum(safetensors_parameter_count(directory / n) for n in names)}
     if manifest is not None and verify:
-        verify_manifest(directory, {"files": {n: manifest["files"][n] for n in verify_names}})
+        verify_manifest(directory, manifest, only=verify_names)
         info["verified"] = len(verify_names)
 
     if manifest is None:  # a bare rule folder (e.g. a shipped rule): no manifest to report
