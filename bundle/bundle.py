@@ -462,6 +462,8 @@ class Bundle:
         state = None
         if load_state and (directory / OPTIMIZER_DIR / STATE_TENSORS_NAME).exists():
             state = read_named_state(directory / OPTIMIZER_DIR)
+        if state is not None:
+            check_state_fits(directory / OPTIMIZER_DIR / STATE_TENSORS_NAME, state, loaded_model, rules, routing)
         tokenizer = None
         if (directory / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
@@ -478,6 +480,23 @@ class Bundle:
         bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime=regime)
         bundle.state = state
         return bundle
+
+
+def check_state_fits(
+    path: Path, state: NamedState, model: nn.Module, rules: dict[str, LearnedRule], routing: list[tuple[str, str]]
+) -> None:
+    """Every saved accumulator names a parameter of ``model`` and has the layout its rule needs for it."""
+    from .optimizer import _check_state_layout
+
+    params = dict(model.named_parameters())
+    for name, entry in state.items():
+        if name not in params:
+            raise StateMismatchError(f"{path}: holds state for {short_repr(name)}, which the model does not have")
+        rule_name = next((r for pattern, r in routing if fnmatch.fnmatchcase(name, pattern)), DEFAULT_RULE_NAME)
+        try:
+            _check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
+        except StateMismatchError as err:
+            raise StateMismatchError(f"{path}: {err}") from err
 
 
 def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | None]:

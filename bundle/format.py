@@ -40,7 +40,7 @@ ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".png", ".model", ".
 
 
 #: Limits checked before anything is allocated from a file's contents (a bundle comes from strangers).
-MAX_JSON_BYTES = 16 * 1024 * 1024  # any JSON file a loader reads (config.json, rule_config.json, state.json, ...)
+MAX_JSON_BYTES = 64 * 1024 * 1024  # any JSON file of a bundle (config.json, tokenizer.json, state.json, ...)
 MAX_JSON_DEPTH = 64  # nesting of JSON arrays/objects (Python's parser would hit RecursionError near 1000)
 MAX_JSON_INT_DIGITS = 19  # integers in JSON: |n| < 10**19 (a 2**64 layer count never reaches transformers)
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024  # bytes of a safetensors JSON header
@@ -500,7 +500,7 @@ def verify_manifest(
     """Check the files of ``directory`` against ``manifest``.
 
     Listed files (all, or the names in ``only``) must exist as regular files (no symlinks, except a Hub cache's
-    own) with the listed size and sha256. The list is closed: any other file in the folder (except
+    own) with the listed size and sha256, and listed JSON files must parse (`parse_json_text`). The list is closed: any other file in the folder (except
     ``bundle.json``, ``README.md`` and dot-files) or any symlink is an `UnsafePathError`, and no pickle may be
     present at all. ``closed=False`` (pushing a folder, which uploads only the listed files) skips the check of
     unlisted files.
@@ -524,6 +524,8 @@ def verify_manifest(
             raise ChecksumError(
                 f"{path}: sha256 {digest[:16]}… does not match {MANIFEST_NAME} ({short_repr(entry['sha256'][:16])}…)"
             )
+        if path.suffix == ".json":  # every JSON file parses within the limits (transformers skips broken ones)
+            read_json_file(path)
     for root, dirs, names in os.walk(directory, followlinks=False):
         root_path = Path(root)
         for name in [*dirs, *names]:
