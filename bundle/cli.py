@@ -11,8 +11,13 @@ Each subcommand is one function taking the parsed arguments and returning an exi
         ...
         return 0
 
-`main` builds one argparse subparser per registered subcommand. A `BundleError` ends the command with its
-message (which names the file or repo and what is wrong) and exit status 1.
+`main` builds one argparse subparser per registered subcommand. Errors end the command with one line on
+stderr, no traceback (``--debug`` shows it):
+
+- a `BundleError` (a damaged, altered or missing bundle; the message names the file or repo): exit status 1;
+- a user mistake (missing or invalid recipe, YAML, unknown or missing keys, invalid arguments or repo ids:
+  `ValueError`, `TypeError`, `KeyError`, `OSError`, YAML errors): exit status 2, like argparse's own errors;
+- anything else: exit status 1.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"optbundle {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for spec in SUBCOMMANDS.values():
         sub = subparsers.add_parser(spec.name, help=spec.help, description=spec.help)
@@ -88,9 +94,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return int(args._run(args) or 0)
-    except BundleError as err:
-        print(f"optbundle {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"optbundle {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line per error; --debug re-raises
+        if args.debug:
+            raise
+        status = 1 if isinstance(err, BundleError) else (2 if _is_user_mistake(err) else 1)
+        print(f"optbundle {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return status
+
+
+def _is_user_mistake(err: BaseException) -> bool:
+    try:
+        import yaml
+
+        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        yaml_errors = ()
+    return isinstance(err, (ValueError, TypeError, KeyError, OSError, *yaml_errors))
+
+
+def _one_line(err: BaseException, limit: int = 500) -> str:
+    """The error's message on one line (its type added unless it is a `BundleError`), cut to ``limit``."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (BundleError, ValueError)):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---- shared options ----------------------------------------------------------------------------------------------
@@ -419,8 +451,11 @@ def _recipe_overrides(items: list[str], command: str) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"optbundle {command}: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key}: not a YAML value ({' '.join(str(err).split())[:200]})") from err
     return overrides
 
 

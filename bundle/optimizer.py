@@ -159,7 +159,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"LearnedOptimizer: {label} has dtype {param.dtype}; it must be floating point")
                 if param.numel() == 0:
                     raise ValueError(f"LearnedOptimizer: {label} has no elements; leave it out of the optimizer")
-        self._checked_states: dict[torch.Tensor, int] = {}  # parameter → id of the state dict last checked
+        self._checked_states: dict[torch.Tensor, tuple] = {}  # parameter → ids of the state last checked
 
     # ---- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,12 +200,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _check_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
         """Raise `StateMismatchError` unless ``param``'s state has the keys, shapes and dtypes ``rule`` needs
-        (checked once per state dict: loading state replaces the dict and so re-arms the check)."""
+        (checked again whenever the state dict or one of its tensors was replaced)."""
         state = self.state[param]
-        if self._checked_states.get(param) == id(state):
+        key = (id(state), *(id(v) for v in state.values()))
+        if self._checked_states.get(param) == key:
             return
         _check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
-        self._checked_states[param] = id(state)
+        self._checked_states[param] = key
 
     def _init_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
         state = self.state[param]
