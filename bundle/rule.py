@@ -456,7 +456,9 @@ class LearnedRule(nn.Module):
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
         ``token`` (see `optbundle.hub.load_rule_from_hub`).
         """
-        path = Path(directory)
+        from .format import recover_directory
+
+        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
         if not path.exists():
             from .hub import is_hub_reference, load_rule_from_hub
 
