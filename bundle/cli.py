@@ -223,28 +223,13 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def safetensors_parameter_count(path: Path) -> int:
-    """Number of values stored in a safetensors file, read from its JSON header only (no tensor is loaded)."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise CorruptFileError(f"{path}: too short for a safetensors header")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > min(size - 8, 100 * 1024 * 1024):
-            raise CorruptFileError(f"{path}: safetensors header length {header_size} does not fit the file")
-        try:
-            header = json.loads(handle.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    """Number of values stored in a safetensors file, read from its checked JSON header only (no tensor is loaded)."""
+    from .format import read_safetensors_header
+
     total = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CorruptFileError(f"{path}: tensor {key!r} has no valid shape in the header")
+    for entry in read_safetensors_header(path).values():
         count = 1
-        for dim in shape:
+        for dim in entry["shape"]:
             count *= dim
         total += count
     return total

@@ -24,18 +24,18 @@ from torch import nn
 from .format import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
+    CorruptFileError,
     FormatVersionError,
     MissingFileError,
-    CorruptFileError,
     RuleConfigError,
     atomic_write_bytes,
-    short_repr,
     atomic_write_json,
     load_safetensors_file,
     parse_json_text,
     read_json_file,
     read_safetensors_header,
     save_safetensors_bytes,
+    short_repr,
 )
 
 RULE_FORMAT_VERSION = 2
