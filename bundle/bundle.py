@@ -621,12 +621,41 @@ def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_
                 f"{directory}: base model differs from the one the adapter was trained on: config {key!r} is "
                 f"{config.get(key)!r}, the bundle records {value!r}"
             )
+    adapter_path = directory / ADAPTER_WEIGHTS_NAME
+    header = read_safetensors_header(adapter_path)  # checked before PEFT reads it
     try:
-        return PeftModel.from_pretrained(base_model, directory, is_trainable=True)
+        peft_model = PeftModel.from_pretrained(base_model, directory, is_trainable=True)
     except Exception as err:  # noqa: BLE001 - peft raises many types on damaged adapter files
         raise ModelLoadError(
             f"{directory}: the adapter cannot be loaded ({type(err).__name__}: {short_repr(str(err), 300)})"
         ) from err
+    check_adapter_weights(peft_model, header, adapter_path)
+    return peft_model
+
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def check_adapter_weights(peft_model: nn.Module, header: dict[str, dict[str, Any]], path: Path) -> None:
+    """Strict adapter weights: the file holds exactly the tensors PEFT saves for this adapter (PEFT itself loads
+    with ``strict=False`` and leaves a missing tensor at its initialization), with their shapes, floating."""
+    from peft import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model)
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: does not fit the adapter in adapter_config.json (missing: {short_repr(missing, 300) if missing else 'none'}, "
+            f"unexpected: {short_repr(unexpected, 300) if unexpected else 'none'})"
+        )
+    for name, tensor in expected.items():
+        entry = header[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {entry['shape']}, the adapter expects {list(tensor.shape)}")
+        dtype = _SAFETENSORS_TO_TORCH.get(entry["dtype"])
+        if tensor.is_floating_point() != bool(dtype is not None and dtype.is_floating_point):
+            raise ModelLoadError(f"{path}: tensor {name!r} is stored as {entry['dtype']}, the adapter expects {tensor.dtype}")
 
 
 def _load_model(directory: Path, kind: str | None, model: nn.Module | None, model_class: Any, kwargs: dict) -> nn.Module:

@@ -416,3 +416,22 @@ def test_cli_invalid_repo_id_exits_2_and_debug_shows_the_traceback(tmp_path, cap
     assert "repo_id" in capsys.readouterr().err
     with pytest.raises(ValueError):
         main(["--debug", "pull", "bad//id", str(tmp_path / "out")])
+
+
+def test_adapter_weights_load_strictly(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    base.save_pretrained(tmp_path / "base")
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    path = Bundle(peft_model, load_rule("default")).save_pretrained(tmp_path / "adapter")
+    Bundle.from_pretrained(path)
+    weights = path / "adapter_model.safetensors"
+    name = next(k for k in json.loads(weights.read_bytes()[8 : 8 + int.from_bytes(weights.read_bytes()[:8], "little")]) if "lora_B" in k)
+    _rewrite_header(weights, lambda h: h.__setitem__(name.replace("lora_B", "lora_X"), h.pop(name)))
+    rewrite_manifest(path)
+    with pytest.raises(ModelLoadError, match="lora_B"):
+        Bundle.from_pretrained(path)
