@@ -406,6 +406,8 @@ def run_case(base: Path, work: Path, seed: int, index: int, loader_name: str) ->
     else:
         result["outcome"] = "loaded corrupted content" if changed and manifest_untouched else "loaded"
     result["seconds"] = round(time.perf_counter() - start, 3)
+    if result["seconds"] > HANG_SECONDS:  # slower than the limit, though it ended before the worker was killed
+        result["outcome"] = "hang > 10 s"
     shutil.rmtree(case_dir, ignore_errors=True)
     return result
 
@@ -521,7 +523,8 @@ def main() -> int:
     by_kind = Counter(r["kind"] for r in results if r["loader"] == LOADERS[0])
     print("\nmutation kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))
     longest = max((r.get("message_chars", 0) for r in results), default=0)
-    print(f"longest error message: {longest} characters")
+    slowest = max((r.get("seconds", 0.0) for r in results), default=0.0)
+    print(f"longest error message: {longest} characters; slowest load: {slowest:.2f} s")
     bad = [r for r in results if r["outcome"] not in ("BundleError", "loaded")]
     for r in bad[:40]:
         print(f"- case {r['index']} {r['loader']}: {r['outcome']}: {r['mutation']} → {r.get('error', '')}")
