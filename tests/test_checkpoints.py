@@ -7,7 +7,7 @@ import signal
 import time
 
 import torch
-from helpers import digits_bert, digits_dataset, trainer_args
+from helpers import digits_bert, digits_dataset, private_tqdm_lock, trainer_args
 from transformers import Trainer
 
 from optbundle import Bundle, load_rule
@@ -42,6 +42,7 @@ def test_a_half_written_newest_checkpoint_is_skipped_on_resume(tmp_path):
 
 
 def _train_until_killed(out):
+    private_tqdm_lock()
     run(out, max_steps=10_000)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import private_tqdm_lock
 
 from optbundle import Bundle, BundleError, LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.cli import main
@@ -254,6 +255,7 @@ def test_leftover_staging_and_backup_folders_are_cleaned(base, tmp_path):
 def _save_then_die_between_renames(base, target):
     import optbundle.format as fmt
 
+    private_tqdm_lock()
     calls = []
     real_replace = os.replace
 
@@ -284,6 +286,7 @@ def test_kill_between_the_two_renames_is_recovered_on_load(base, tmp_path, loade
 
 
 def _save_forever(base, target):
+    private_tqdm_lock()
     bundle = Bundle.from_pretrained(base)
     while True:
         bundle.save_pretrained(target)
