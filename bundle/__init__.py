@@ -29,7 +29,9 @@ def load_rule(name_or_path: str | Path, **hub_kwargs: Any) -> LearnedRule:
 
     if isinstance(name_or_path, str) and name_or_path in shipped_rule_names():
         return load_shipped_rule(name_or_path)
-    path = Path(name_or_path)
+    from .format import recover_directory
+
+    path = recover_directory(Path(name_or_path))
     if path.exists():
         return LearnedRule.from_pretrained(path)
     if is_hub_reference(name_or_path):

@@ -47,13 +47,17 @@ from .format import (
     BundleError,
     CorruptFileError,
     MissingFileError,
+    ModelLoadError,
     StateMismatchError,
     atomic_directory,
     atomic_write_json,
     load_safetensors_file,
     read_json_file,
     read_manifest,
+    read_safetensors_header,
+    recover_directory,
     save_safetensors_bytes,
+    short_repr,
     verify_manifest,
     write_card_and_manifest,
 )
@@ -73,6 +77,33 @@ ROUTING_NAME = "routing.json"
 ROLES_NAME = "roles.json"
 ROLES_FORMAT_VERSION = 1
 RULES_DIR = "rules"
+
+#: Limits on what a bundle may ask for, checked before anything is built from it.
+MAX_RULES = 64  # rules of a layer-wise bundle
+MAX_ROUTES = 1024  # entries of routing.json (each one is matched against every parameter name)
+MAX_PATTERN_CHARS = 512  # length of one routing pattern
+#: config.json dimensions (any nesting level, e.g. text_config): layer counts, widths/heads, vocabulary and
+#: positions. The model is first built on the meta device (no memory) and its tensors compared with the
+#: weight files' headers, so these only bound the time spent building it.
+MAX_CONFIG_LAYERS = 1024
+MAX_CONFIG_WIDTH = 1 << 18
+MAX_CONFIG_VOCAB = 1 << 22
+CONFIG_LIMITS: dict[str, int] = {
+    **dict.fromkeys(
+        ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "num_decoder_layers", "num_encoder_layers",
+         "decoder_layers", "encoder_layers"),
+        MAX_CONFIG_LAYERS,
+    ),
+    **dict.fromkeys(
+        ("n_embd", "hidden_size", "d_model", "intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim",
+         "decoder_ffn_dim", "dim", "hidden_dim", "head_dim", "embedding_size", "n_head", "num_attention_heads",
+         "num_key_value_heads", "encoder_attention_heads", "decoder_attention_heads", "num_labels"),
+        MAX_CONFIG_WIDTH,
+    ),
+    **dict.fromkeys(
+        ("vocab_size", "n_positions", "n_ctx", "max_position_embeddings", "type_vocab_size"), MAX_CONFIG_VOCAB
+    ),
+}
 
 NamedState = dict[str, dict[str, torch.Tensor]]
 
@@ -164,6 +195,8 @@ class Bundle:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.routing = [(str(pattern), str(name)) for pattern, name in (routing or [])]
+        if len(self.routing) > MAX_ROUTES or len(rules) > MAX_RULES:
+            raise ValueError(f"at most {MAX_ROUTES} routes and {MAX_RULES} rules, got {len(self.routing)} and {len(rules)}")
         for pattern, name in self.routing:
             if name not in rules:
                 raise ValueError(f"routing sends {pattern!r} to rule {name!r}, which is not one of {sorted(rules)}")
@@ -527,11 +560,28 @@ class Bundle:
                 cls, path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                 model=model, model_class=model_class, base_model=base_model, load_state=load_state, **model_kwargs,
             )
-        directory = Path(path)
+        directory = recover_directory(Path(path))
         if not directory.is_dir():
             raise MissingFileError(f"{directory}: not a bundle directory")
         manifest = read_manifest(directory)
         verify_manifest(directory, manifest)
+        try:
+            return cls._from_verified_directory(
+                directory, manifest, model=model, model_class=model_class, base_model=base_model,
+                load_state=load_state, model_kwargs=model_kwargs,
+            )
+        except BundleError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one error family at the loader boundary
+            raise CorruptFileError(
+                f"{directory}: cannot be loaded ({type(err).__name__}: {short_repr(str(err), 300)})"
+            ) from err
+
+    @classmethod
+    def _from_verified_directory(
+        cls, directory: Path, manifest: dict[str, Any], *, model: nn.Module | None, model_class: Any,
+        base_model: Any, load_state: bool, model_kwargs: dict[str, Any],
+    ) -> Bundle:
         rules, routing = read_rules(directory / OPTIMIZER_DIR)
         kind = manifest.get("kind")
         if kind == "peft":
@@ -543,17 +593,41 @@ class Bundle:
             (directory / OPTIMIZER_DIR / STATE_TENSORS_NAME).exists() or (directory / OPTIMIZER_DIR / STATE_INDEX_NAME).exists()
         ):
             state = read_named_state(directory / OPTIMIZER_DIR)
+        if state is not None:
+            check_state_fits(directory / OPTIMIZER_DIR / STATE_TENSORS_NAME, state, loaded_model, rules, routing)
         tokenizer = None
         if (directory / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+            except Exception as err:  # noqa: BLE001 - tokenizers raise many types on damaged files
+                raise ModelLoadError(
+                    f"{directory}: the tokenizer cannot be loaded ({type(err).__name__}: {short_repr(str(err), 300)})"
+                ) from err
         roles, trained_regime = read_roles(directory / OPTIMIZER_DIR, loaded_model)
         # loaded weights are trained weights: fine-tuning, unless the shipped accumulators continue a run
         regime = trained_regime if state is not None and trained_regime else "finetune"
         bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime=regime)
         bundle.state = state
         return bundle
+
+
+def check_state_fits(
+    path: Path, state: NamedState, model: nn.Module, rules: dict[str, LearnedRule], routing: list[tuple[str, str]]
+) -> None:
+    """Every saved accumulator names a parameter of ``model`` and has the layout its rule needs for it."""
+    from .optimizer import _check_state_layout
+
+    params = dict(model.named_parameters())
+    for name, entry in state.items():
+        if name not in params:
+            raise StateMismatchError(f"{path}: holds state for {short_repr(name)}, which the model does not have")
+        rule_name = next((r for pattern, r in routing if fnmatch.fnmatchcase(name, pattern)), DEFAULT_RULE_NAME)
+        try:
+            _check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
+        except StateMismatchError as err:
+            raise StateMismatchError(f"{path}: {err}") from err
 
 
 def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | None]:
@@ -565,20 +639,30 @@ def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | N
     info = read_json_file(path)
     if not isinstance(info, dict) or not isinstance(info.get("roles"), dict):
         raise CorruptFileError(f"{path}: expected an object with a 'roles' mapping")
-    if not isinstance(info.get("format_version"), int) or info["format_version"] > ROLES_FORMAT_VERSION:
-        from .format import FormatVersionError
-
-        raise FormatVersionError(f"{path}: format_version {info.get('format_version')!r} is not one this optbundle reads")
+    _check_format_version(info, ROLES_FORMAT_VERSION, path)
     names = {n for n, _ in model.named_parameters()}
     for name, role in info["roles"].items():
-        if role not in ROLES:
-            raise CorruptFileError(f"{path}: parameter {name!r} has unknown role {role!r}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise CorruptFileError(f"{path}: parameter {short_repr(name)} has unknown role {short_repr(role)}")
         if name not in names:
-            raise CorruptFileError(f"{path}: names parameter {name!r}, which the bundle's model does not have")
+            raise CorruptFileError(f"{path}: names parameter {short_repr(name)}, which the bundle's model does not have")
     regime = info.get("regime")
-    if regime is not None and regime not in REGIMES:
-        raise CorruptFileError(f"{path}: unknown regime {regime!r}; known: {', '.join(REGIMES)}")
+    if regime is not None and (not isinstance(regime, str) or regime not in REGIMES):
+        raise CorruptFileError(f"{path}: unknown regime {short_repr(regime)}; known: {', '.join(REGIMES)}")
     return dict(info["roles"]), regime
+
+
+def _check_format_version(info: dict[str, Any], newest: int, path: Path, *, required: bool = True) -> None:
+    """``format_version`` of a bundle JSON file: a positive integer (not a bool) no newer than ``newest``."""
+    from .format import FormatVersionError
+
+    version = info.get("format_version")
+    if version is None and not required:
+        return
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptFileError(f"{path}: 'format_version' must be a positive integer, got {short_repr(version)}")
+    if version > newest:
+        raise FormatVersionError(f"{path}: format_version {version} is newer than the {newest} this optbundle reads")
 
 
 def read_rules(opt_dir: Path) -> tuple[dict[str, LearnedRule], list[tuple[str, str]]]:
@@ -590,20 +674,29 @@ def read_rules(opt_dir: Path) -> tuple[dict[str, LearnedRule], list[tuple[str, s
     info = read_json_file(routing_path)
     if not isinstance(info, dict) or not isinstance(info.get("routes"), list) or not isinstance(info.get("rules"), list):
         raise CorruptFileError(f"{routing_path}: expected an object with 'rules' and 'routes' lists")
-    if info.get("format_version", 0) > ROUTING_FORMAT_VERSION:
-        from .format import FormatVersionError
-
-        raise FormatVersionError(f"{routing_path}: format_version {info['format_version']} is newer than this optbundle reads")
+    _check_format_version(info, ROUTING_FORMAT_VERSION, routing_path, required=False)
+    if len(info["rules"]) > MAX_RULES or len(info["routes"]) > MAX_ROUTES:
+        raise CorruptFileError(
+            f"{routing_path}: {len(info['rules'])} rules and {len(info['routes'])} routes; at most {MAX_RULES} rules "
+            f"and {MAX_ROUTES} routes are allowed"
+        )
     for name in info["rules"]:
         if name == DEFAULT_RULE_NAME:
             continue
-        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
-            raise CorruptFileError(f"{routing_path}: bad rule name {name!r}")
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or name in rules:
+            raise CorruptFileError(f"{routing_path}: bad or repeated rule name {short_repr(name)}")
         rules[name] = LearnedRule.from_directory(opt_dir / RULES_DIR / name)
     routing = []
     for entry in info["routes"]:
-        if not isinstance(entry, dict) or entry.get("rule") not in rules or not isinstance(entry.get("pattern"), str):
-            raise CorruptFileError(f"{routing_path}: route {entry!r} needs a 'pattern' and a known 'rule'")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("rule"), str) or entry["rule"] not in rules
+            or not isinstance(entry.get("pattern"), str) or len(entry["pattern"]) > MAX_PATTERN_CHARS
+        ):
+            raise CorruptFileError(
+                f"{routing_path}: route {short_repr(entry)} needs a 'pattern' (at most {MAX_PATTERN_CHARS} characters) "
+                "and a known 'rule'"
+            )
         routing.append((entry["pattern"], entry["rule"]))
     return rules, routing
 
@@ -631,22 +724,27 @@ def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_
         from .assets import resolve_model
 
         source = resolve_model(str(base_model)) if base_model is not None else identity.get("name_or_path")
-        if not source:
-            raise ValueError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
+        if not source or not isinstance(source, str):
+            raise ModelLoadError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
         if model_class is None:
             import transformers
 
-            model_class = getattr(transformers, identity.get("class", ""), None)
+            class_name = identity.get("class") if isinstance(identity, dict) else None
+            model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
             if model_class is None:
                 raise CorruptFileError(f"{directory / MANIFEST_NAME}: base model class {identity.get('class')!r} unknown; pass model_class=")
         try:
             base_model = model_class.from_pretrained(source, **kwargs)
         except OSError as err:
             raise MissingFileError(
-                f"{directory}: cannot load the base model {source!r} recorded in the bundle ({err}); pass base_model="
-            ) from None
+                f"{directory}: cannot load the base model {short_repr(source)} recorded in the bundle "
+                f"({short_repr(str(err), 300)}); pass base_model="
+            ) from err
     config = base_model.config.to_dict()
-    for key, value in identity.get("config", {}).items():
+    recorded = identity.get("config", {}) if isinstance(identity, dict) else None
+    if not isinstance(recorded, dict):
+        raise CorruptFileError(f"{directory / MANIFEST_NAME}: 'base_model.config' must be an object")
+    for key, value in recorded.items():
         if key == "architectures":  # set only once a model is saved; not part of its shape
             continue
         if config.get(key) != value:
@@ -654,38 +752,190 @@ def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_
                 f"{directory}: base model differs from the one the adapter was trained on: config {key!r} is "
                 f"{config.get(key)!r}, the bundle records {value!r}"
             )
-    return PeftModel.from_pretrained(base_model, directory, is_trainable=True)
+    adapter_path = directory / ADAPTER_WEIGHTS_NAME
+    header = read_safetensors_header(adapter_path)  # checked before PEFT reads it
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, directory, is_trainable=True)
+    except Exception as err:  # noqa: BLE001 - peft raises many types on damaged adapter files
+        raise ModelLoadError(
+            f"{directory}: the adapter cannot be loaded ({type(err).__name__}: {short_repr(str(err), 300)})"
+        ) from err
+    check_adapter_weights(peft_model, header, adapter_path)
+    return peft_model
+
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def check_adapter_weights(peft_model: nn.Module, header: dict[str, dict[str, Any]], path: Path) -> None:
+    """Strict adapter weights: the file holds exactly the tensors PEFT saves for this adapter (PEFT itself loads
+    with ``strict=False`` and leaves a missing tensor at its initialization), with their shapes, floating."""
+    from peft import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model)
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: does not fit the adapter in adapter_config.json (missing: {short_repr(missing, 300) if missing else 'none'}, "
+            f"unexpected: {short_repr(unexpected, 300) if unexpected else 'none'})"
+        )
+    for name, tensor in expected.items():
+        entry = header[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {entry['shape']}, the adapter expects {list(tensor.shape)}")
+        dtype = _SAFETENSORS_TO_TORCH.get(entry["dtype"])
+        if tensor.is_floating_point() != bool(dtype is not None and dtype.is_floating_point):
+            raise ModelLoadError(f"{path}: tensor {name!r} is stored as {entry['dtype']}, the adapter expects {tensor.dtype}")
 
 
 def _load_model(directory: Path, kind: str | None, model: nn.Module | None, model_class: Any, kwargs: dict) -> nn.Module:
     if kind == "transformers":
         if model is not None:
-            raise ValueError("pass model_class (not model=) to load a transformers bundle")
-        if model_class is None:
-            import transformers
-
-            config = read_json_file(directory / "config.json")
-            architectures = config.get("architectures") or []
-            name = architectures[0] if architectures else None
-            model_class = getattr(transformers, name, None) if name else None
-            if model_class is None:
-                raise CorruptFileError(
-                    f"{directory / 'config.json'}: 'architectures' names {name!r}, which this transformers does not "
-                    "provide; pass model_class="
-                )
-        return model_class.from_pretrained(directory, **kwargs)
+            raise ModelLoadError("pass model_class (not model=) to load a transformers bundle")
+        return _load_transformers_model(directory, model_class, kwargs)
     if kind == "torch":
         if model is None:
-            raise ValueError(f"{directory}: a plain-torch bundle needs model= (a module to load the weights into)")
-        tensors = load_safetensors_file(directory / TORCH_WEIGHTS_NAME)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        missing = [m for m in missing if m not in _shared_aliases(model)]
-        if missing or unexpected:
-            raise StateMismatchError(
-                f"{directory / TORCH_WEIGHTS_NAME}: does not fit the given model (missing: {missing}, unexpected: {unexpected})"
-            )
+            raise ModelLoadError(f"{directory}: a plain-torch bundle needs model= (a module to load the weights into)")
+        path = directory / TORCH_WEIGHTS_NAME
+        header = read_safetensors_header(path)
+        check_weights_match(
+            model, {name: (entry, path) for name, entry in header.items()}, declared_dtype=None,
+            error=StateMismatchError, against="the given model",
+        )
+        tensors = load_safetensors_file(path)
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as err:  # unreachable after check_weights_match; no foreign error escapes
+            raise ModelLoadError(f"{path}: {short_repr(str(err), 300)}") from err
         return model
-    raise CorruptFileError(f"{directory / MANIFEST_NAME}: unknown bundle kind {kind!r}")
+    raise CorruptFileError(f"{directory / MANIFEST_NAME}: unknown bundle kind {short_repr(kind)}")
+
+
+def check_config_dimensions(config: Any, path: Path, where: str = "") -> None:
+    """Refuse config.json dimensions beyond `CONFIG_LIMITS` (at any nesting level) and non-integer ones."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            field = f"{where}.{key}" if where else key
+            limit = CONFIG_LIMITS.get(key)
+            if limit is not None and value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                    raise ModelLoadError(f"{path}: {field!r} must be an integer in [0, {limit}], got {short_repr(value)}")
+            check_config_dimensions(value, path, field)
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            check_config_dimensions(value, path, f"{where}[{index}]")
+
+
+_SAFETENSORS_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def check_weights_match(
+    model: nn.Module, stored: dict[str, tuple[dict[str, Any], Path]], *, declared_dtype: torch.dtype | None,
+    error: type[BundleError] = ModelLoadError, against: str = "the model built from config.json",
+) -> None:
+    """Strict weights: the stored tensors (name → (safetensors header entry, file)) are exactly the model's
+    state dict (tied aliases may be left out), each with the model's shape; floating tensors stored as a
+    floating dtype (``declared_dtype`` when config.json declares one), the others as their exact dtype."""
+    expected = model.state_dict(keep_vars=True)
+    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    kept = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    aliases = all_params - kept
+    files = sorted({str(path) for _, path in stored.values()}) or ["(no weight file)"]
+    where = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} shards)"
+    missing = sorted(set(expected) - set(stored) - aliases)
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise error(
+            f"{where}: does not fit {against} (missing: "
+            f"{short_repr(missing, 300) if missing else 'none'}, unexpected: {short_repr(unexpected, 300) if unexpected else 'none'})"
+        )
+    for name, (entry, path) in stored.items():
+        tensor = expected[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise error(f"{path}: tensor {name!r} has shape {entry['shape']}, {against} expects {list(tensor.shape)}")
+        dtype = _SAFETENSORS_TO_TORCH.get(entry["dtype"])
+        if tensor.is_floating_point():
+            ok = dtype is not None and dtype.is_floating_point and (declared_dtype is None or dtype == declared_dtype)
+        else:
+            ok = dtype == tensor.dtype
+        if not ok:
+            wanted = declared_dtype or ("a floating dtype" if tensor.is_floating_point() else tensor.dtype)
+            raise error(f"{path}: tensor {name!r} is stored as {entry['dtype']}, {against} expects {wanted}")
+
+
+def _weight_headers(directory: Path) -> dict[str, tuple[dict[str, Any], Path]]:
+    """Tensor name → (header entry, file) over ``model.safetensors`` or the shards of its index."""
+    index_path = directory / f"{TORCH_WEIGHTS_NAME}.index.json"
+    if index_path.exists():
+        index = read_json_file(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptFileError(f"{index_path}: expected an object with a 'weight_map' of file names")
+        names = sorted(set(weight_map.values()))
+    else:
+        weight_map, names = None, [TORCH_WEIGHTS_NAME]
+    stored: dict[str, tuple[dict[str, Any], Path]] = {}
+    for name in names:
+        from .format import check_relative_path
+
+        check_relative_path(name, source=str(index_path))
+        path = directory / name
+        for key, entry in read_safetensors_header(path).items():
+            if key in stored or (weight_map is not None and weight_map.get(key) != name):
+                raise CorruptFileError(f"{path}: tensor {short_repr(key)} is repeated or not where the index puts it")
+            stored[key] = (entry, path)
+    if weight_map is not None and set(weight_map) != set(stored):
+        raise CorruptFileError(f"{index_path}: 'weight_map' names tensors the shards do not hold (or misses some)")
+    return stored
+
+
+def _load_transformers_model(directory: Path, model_class: Any, kwargs: dict) -> nn.Module:
+    """A transformers model, loaded strictly: config.json within `CONFIG_LIMITS`, the model built on the meta
+    device and its tensors compared with the weight files' headers (`check_weights_match`) before any real
+    allocation, then transformers' own ``from_pretrained``."""
+    import transformers
+
+    config_path = directory / "config.json"
+    raw = read_json_file(config_path)
+    if not isinstance(raw, dict):
+        raise CorruptFileError(f"{config_path}: expected a JSON object")
+    check_config_dimensions(raw, config_path)
+    if model_class is None:
+        architectures = raw.get("architectures") or []
+        name = architectures[0] if isinstance(architectures, list) and architectures else None
+        model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+            raise CorruptFileError(
+                f"{config_path}: 'architectures' names {short_repr(name)}, which this transformers does not "
+                "provide as a model class; pass model_class="
+            )
+    try:
+        config = model_class.config_class.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - transformers' config validation raises many types
+        raise ModelLoadError(f"{config_path}: invalid config ({type(err).__name__}: {short_repr(str(err), 300)})") from err
+    declared = raw.get("dtype", raw.get("torch_dtype"))
+    declared_dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
+    if declared is not None and not isinstance(declared_dtype, torch.dtype):
+        raise ModelLoadError(f"{config_path}: 'dtype' {short_repr(declared)} is not a torch dtype")
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(config)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(
+            f"{config_path}: the model cannot be built from it ({type(err).__name__}: {short_repr(str(err), 300)})"
+        ) from err
+    check_weights_match(skeleton, _weight_headers(directory), declared_dtype=declared_dtype)
+    del skeleton
+    try:
+        return model_class.from_pretrained(directory, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(
+            f"{directory}: transformers cannot load the model ({type(err).__name__}: {short_repr(str(err), 300)})"
+        ) from err
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -790,24 +1040,32 @@ def read_named_state(directory: Path) -> NamedState:
     info = read_json_file(info_path)
     if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
         raise CorruptFileError(f"{info_path}: expected an object with a 'params' table")
+    _check_format_version(info, STATE_FORMAT_VERSION, info_path, required=False)
     state: NamedState = {}
     for key, tensor in tensors.items():
         name, sep, field = key.rpartition(":")
         if not sep:
-            raise CorruptFileError(f"{directory / STATE_TENSORS_NAME}: key {key!r} is not '<param>:<state key>'")
+            raise CorruptFileError(f"{directory / STATE_TENSORS_NAME}: key {short_repr(key)} is not '<param>:<state key>'")
+        if (tensor.dtype == torch.int64) != (field in ("step", "skipped_steps")) or not (
+            tensor.dtype == torch.int64 or tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        ):
+            raise CorruptFileError(
+                f"{directory / STATE_TENSORS_NAME}: {short_repr(key)} is {tensor.dtype}; counters are int64, "
+                "accumulators float32/bfloat16/float16"
+            )
         if tensor.is_floating_point():
             if not torch.isfinite(tensor).all():
-                raise CorruptFileError(f"{directory / STATE_TENSORS_NAME}: {key!r} holds NaN or inf")
+                raise CorruptFileError(f"{directory / STATE_TENSORS_NAME}: {short_repr(key)} holds NaN or inf")
             tensor = tensor.to(torch.float32)
         state.setdefault(name, {})[field] = tensor
     for name, summary in info["params"].items():
         if name not in state:
-            raise CorruptFileError(f"{info_path}: lists parameter {name!r}, which {STATE_TENSORS_NAME} lacks")
-        if sorted(state[name]) != summary.get("keys"):
-            raise CorruptFileError(f"{info_path}: keys of {name!r} differ from {STATE_TENSORS_NAME}")
+            raise CorruptFileError(f"{info_path}: lists parameter {short_repr(name)}, which {STATE_TENSORS_NAME} lacks")
+        if not isinstance(summary, dict) or sorted(state[name]) != summary.get("keys"):
+            raise CorruptFileError(f"{info_path}: keys of {short_repr(name)} differ from {STATE_TENSORS_NAME}")
     extra = sorted(set(state) - set(info["params"]))
     if extra:
-        raise CorruptFileError(f"{info_path}: does not list parameter(s) {extra} found in {STATE_TENSORS_NAME}")
+        raise CorruptFileError(f"{info_path}: does not list parameter(s) {short_repr(extra, 200)} found in {STATE_TENSORS_NAME}")
     return state
 
 

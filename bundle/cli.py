@@ -11,8 +11,13 @@ Each subcommand is one function taking the parsed arguments and returning an exi
         ...
         return 0
 
-`main` builds one argparse subparser per registered subcommand. A `BundleError` ends the command with its
-message (which names the file or repo and what is wrong) and exit status 1.
+`main` builds one argparse subparser per registered subcommand. Errors end the command with one line on
+stderr, no traceback (``--debug`` shows it):
+
+- a `BundleError` (a damaged, altered or missing bundle; the message names the file or repo): exit status 1;
+- a user mistake (missing or invalid recipe, YAML, unknown or missing keys, invalid arguments or repo ids:
+  `ValueError`, `TypeError`, `KeyError`, `OSError`, YAML errors): exit status 2, like argparse's own errors;
+- anything else: exit status 1.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"optbundle {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for spec in SUBCOMMANDS.values():
         sub = subparsers.add_parser(spec.name, help=spec.help, description=spec.help)
@@ -88,9 +94,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return int(args._run(args) or 0)
-    except BundleError as err:
-        print(f"optbundle {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"optbundle {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line per error; --debug re-raises
+        if args.debug:
+            raise
+        status = 1 if isinstance(err, BundleError) else (2 if _is_user_mistake(err) else 1)
+        print(f"optbundle {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return status
+
+
+def _is_user_mistake(err: BaseException) -> bool:
+    try:
+        import yaml
+
+        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        yaml_errors = ()
+    return isinstance(err, (ValueError, TypeError, KeyError, OSError, *yaml_errors))
+
+
+def _one_line(err: BaseException, limit: int = 500) -> str:
+    """The error's message on one line (its type added unless it is a `BundleError`), cut to ``limit``."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (BundleError, ValueError)):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---- shared options ----------------------------------------------------------------------------------------------
@@ -199,28 +231,13 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def safetensors_parameter_count(path: Path) -> int:
-    """Number of values stored in a safetensors file, read from its JSON header only (no tensor is loaded)."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise CorruptFileError(f"{path}: too short for a safetensors header")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > min(size - 8, 100 * 1024 * 1024):
-            raise CorruptFileError(f"{path}: safetensors header length {header_size} does not fit the file")
-        try:
-            header = json.loads(handle.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    """Number of values stored in a safetensors file, read from its checked JSON header only (no tensor is loaded)."""
+    from .format import read_safetensors_header
+
     total = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CorruptFileError(f"{path}: tensor {key!r} has no valid shape in the header")
+    for entry in read_safetensors_header(path).values():
         count = 1
-        for dim in shape:
+        for dim in entry["shape"]:
             count *= dim
         total += count
     return total
@@ -298,7 +315,7 @@ def describe(
             names = _weight_files(manifest)
             weights = {"files": names, "count": sum(safetensors_parameter_count(directory / n) for n in names)}
     if manifest is not None and verify:
-        verify_manifest(directory, {"files": {n: manifest["files"][n] for n in verify_names}})
+        verify_manifest(directory, manifest, only=verify_names)
         info["verified"] = len(verify_names)
 
     if manifest is None:  # a bare rule folder (e.g. a shipped rule): no manifest to report
@@ -450,8 +467,11 @@ def _recipe_overrides(items: list[str], command: str) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"optbundle {command}: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key}: not a YAML value ({' '.join(str(err).split())[:200]})") from err
     return overrides
 
 

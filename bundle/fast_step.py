@@ -756,6 +756,9 @@ def _activate_(name: str, x: torch.Tensor) -> torch.Tensor:
     return F._ACTIVATIONS[name](x)
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def learned_step_(
     config: RuleConfig,
     weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -772,7 +775,8 @@ def learned_step_(
 
     Same result as ``features.learned_update(config, weights, param.float(), grad.float(), state, lr, wd)``
     up to fp32 rounding. Returns ``None`` when the step was applied; when the gradient or the proposed new
-    parameter is not finite it changes nothing and returns ``"gradient"`` or ``"update"``. ``weights`` must
+    parameter is not finite it changes nothing and returns ``"gradient"`` or ``"update"`` (``"gradient"`` also when
+    Σg² exceeds the largest fp32, where the second moments would overflow). ``weights`` must
     be fp32 on ``param``'s device. ``workers > 1`` runs chunks on that many threads (call it inside
     `single_threaded_ops`: each op then stays on its thread).
     """
@@ -807,7 +811,8 @@ def learned_step_(
 
     each_chunk(lambda w, i, chunk, X, arena: ctx.reduce_chunk(X, i, chunk, arena, w))  # pass 1
     ctx.summarize_reduce()
-    if not math.isfinite(float(ctx.grad_sq)) and not bool(torch.isfinite(grad).all()):
+    # NaN/inf, or a gradient whose squares would overflow the fp32 second moments (optimizer.MAX_GRADIENT_SQUARE_SUM)
+    if not float(ctx.grad_sq) <= _FLOAT32_MAX:
         return "gradient"
     ctx.finalize(weights)  # pass 2
 

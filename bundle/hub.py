@@ -397,7 +397,7 @@ def load_rule_from_hub(
         if prefix + required not in names:
             raise MissingFileError(f"{snapshot.where}: {MANIFEST_NAME} lists no {prefix}{required}; the repo holds no rule")
     with _located(snapshot):
-        verify_manifest(snapshot.directory, {"files": {name: snapshot.manifest["files"][name] for name in names}})
+        verify_manifest(snapshot.directory, snapshot.manifest, only=names)
         return rule_cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
 
 
@@ -516,7 +516,8 @@ def push_directory(
     if _COMMIT_SHA.fullmatch(branch):
         raise ValueError(f"revision={branch!r}: a push goes to a branch; a commit sha cannot be pushed to")
     manifest = read_manifest(directory)
-    verify_manifest(directory, manifest)  # never publish a damaged or altered bundle
+    # never publish a damaged or altered bundle (files the manifest does not list stay local)
+    verify_manifest(directory, manifest, closed=False)
 
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_call(f"{repo_id}: creating the repo"):

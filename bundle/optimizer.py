@@ -39,6 +39,9 @@ DEFAULT_RULE_NAME = "default"
 BACKENDS = ("triton", "torch", "reference")
 BACKEND_ENV = "OPTBUNDLE_BACKEND"
 MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
+#: A tensor's step is skipped (and counted in ``skipped_steps``) when Σg² over it exceeds this, the largest
+#: fp32: then g² (or a row sum of it) would overflow the fp32 second moments. Every back end uses this bound.
+MAX_GRADIENT_SQUARE_SUM = float(torch.finfo(torch.float32).max)
 _LOGGED: set[str] = set()
 
 
@@ -97,8 +100,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     parameter names (``(name, parameter)`` pairs) and shapes unless the group gives them; format-2 rules
     treat hidden matrices, vectors, embeddings, heads and adapters differently.
 
-    A tensor whose gradient (or whose proposed update) is not finite is left untouched for that step, and its
-    ``skipped_steps`` counter grows; no NaN/inf reaches parameters or accumulators.
+    A tensor whose gradient is not finite or so large that its squares overflow fp32 (Σg² over the tensor above
+    `MAX_GRADIENT_SQUARE_SUM`, e.g. |g| ≳ 1e19), or whose proposed update is not finite, is left untouched for
+    that step (skipped, not clamped), and its ``skipped_steps`` counter grows; no NaN/inf reaches parameters or
+    accumulators, so a bundle saved after training always loads.
+
+    Refused at construction (`ValueError`): complex and empty (zero-element) parameters. float64 parameters
+    are stepped in fp32 and the fp32 change is added to them, so they are not rounded to fp32 (at lr 0 they
+    do not change at all). ``step()`` checks every group's ``lr``/``weight_decay`` (finite, ≥ 0) and every
+    parameter's state layout before it changes anything, and `load_state_dict` checks parameter names,
+    shapes, state layouts and the rules' configs before it changes anything.
     """
 
     def __init__(
@@ -124,8 +135,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
         _check_lr_range(first, float(lr), regime)
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
         self.rules: dict[str, LearnedRule] = {name: r.requires_grad_(False) for name, r in rules.items()}
         self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
@@ -140,6 +151,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             else:
                 names = group.get("param_names") or [None] * len(group["params"])
                 group["roles"] = assign_roles([(n, tuple(p.shape)) for n, p in zip(names, group["params"])])
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"]):
+                label = f"parameter {name!r}" if name else f"a parameter of shape {tuple(param.shape)} (group {index})"
+                if param.is_complex():
+                    raise ValueError(f"LearnedOptimizer: {label} is complex; learned rules step real tensors only")
+                if not param.is_floating_point():
+                    raise ValueError(f"LearnedOptimizer: {label} has dtype {param.dtype}; it must be floating point")
+                if param.numel() == 0:
+                    raise ValueError(f"LearnedOptimizer: {label} has no elements; leave it out of the optimizer")
+        self._checked_states: dict[torch.Tensor, tuple] = {}  # parameter → ids of the state last checked
 
     # ---- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +170,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        # every check first, so that a bad group or state raises before any tensor changes (all or nothing)
+        plan = []
+        for index, group in enumerate(self.param_groups):
+            for key in ("lr", "weight_decay"):
+                value = group[key]
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+                    raise ValueError(f"param group {index}: {key} must be a finite non-negative number, got {value!r}")
+            if group["rule"] not in self.rules:
+                raise ValueError(f"param group {index} asks for rule {group['rule']!r}; known rules: {sorted(self.rules)}")
             rule = self.rules[group["rule"]]
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             roles = group.get("roles") or [None] * len(group["params"])
@@ -159,11 +188,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+                if param.grad.shape != param.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(param.grad.shape)} for a parameter of shape {tuple(param.shape)}")
                 self._init_state(param, rule)
+                self._check_state(param, rule)
                 by_device.setdefault(param.device, []).append(param)
+            plan.append((group, rule, by_device))
+        for group, rule, by_device in plan:
             for device, params in by_device.items():
                 self._step_params(params, rule, device, group["lr"], group["weight_decay"])
         return loss
+
+    def _check_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
+        """Raise `StateMismatchError` unless ``param``'s state has the keys, shapes and dtypes ``rule`` needs
+        (checked again whenever the state dict or one of its tensors was replaced)."""
+        state = self.state[param]
+        key = (id(state), *(id(v) for v in state.values()))
+        if self._checked_states.get(param) == key:
+            return
+        _check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
+        self._checked_states[param] = key
 
     def _init_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
         state = self.state[param]
@@ -238,7 +282,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state = self.state[param]
         weights = [(w.to(param.device), b.to(param.device)) for w, b in weights]
         grad = param.grad.to(torch.float32)
-        if not torch.isfinite(grad).all():
+        if not float(grad.double().square().sum()) <= MAX_GRADIENT_SQUARE_SUM:  # NaN/inf, or g² overflows fp32
             self._count_skip(param, "gradient")
             return
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
@@ -251,25 +295,73 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not torch.isfinite(new_param).all():
             self._count_skip(param, "update")
             return
+        if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in new_state.values()):
+            self._count_skip(param, "update")
+            return
         for key, value in new_state.items():
             state[key].copy_(value)
-        param.copy_(new_param)
+        if param.dtype == torch.float64:  # add the fp32 change: a float64 parameter is not rounded to fp32
+            param.add_(new_param.to(torch.float64) - param.to(torch.float32).to(torch.float64))
+        else:
+            param.copy_(new_param)
 
     # ---- state (de)serialization ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"rule_configs"``: sha256 of each rule's config, checked on load (the state
+        layout depends on it). Only tensors, strings and plain containers: ``torch.load(weights_only=True)`` works."""
+        state = super().state_dict()
+        state["rule_configs"] = {name: _config_digest(rule) for name, rule in self.rules.items()}
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps accumulators fp32 and counters int64 whatever the parameter dtype.
+        """Like torch's, but keeps accumulators fp32 and counters int64 whatever the parameter dtype, and checks
+        everything before it changes anything.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating per-parameter state to the parameter's dtype,
-        which would round fp32 accumulators of bf16/fp16 parameters (and even cast integer counters).
+        which would round fp32 accumulators of bf16/fp16 parameters (and even cast integer counters). Checked
+        first (`StateMismatchError` naming what differs): the groups' sizes, rule names, parameter names (when
+        both sides have them), the rules' configs (when recorded) and every saved state's keys and shapes.
         """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
+            state_dict.get("param_groups"), list
+        ):
+            raise StateMismatchError("optimizer state dict needs a 'state' mapping and a 'param_groups' list")
         saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
         roles = [group.get("roles") for group in self.param_groups]
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        if len(saved_groups) != len(self.param_groups):
+            raise StateMismatchError(
+                f"optimizer state holds {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        saved_ids = [pid for group in saved_groups for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         if len(saved_ids) != len(params):
             raise StateMismatchError(
                 f"optimizer state holds {len(saved_ids)} parameters, this optimizer has {len(params)}"
             )
+        recorded = state_dict.get("rule_configs")
+        if isinstance(recorded, dict):
+            for name, digest in recorded.items():
+                if name in self.rules and digest != _config_digest(self.rules[name]):
+                    raise StateMismatchError(
+                        f"optimizer state was made with another config of rule {name!r}; its accumulators do not fit"
+                    )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise StateMismatchError(
+                    f"param group {index}: saved with {len(saved['params'])} parameters, this one has {len(group['params'])}"
+                )
+            if saved.get("rule", group["rule"]) != group["rule"]:
+                raise StateMismatchError(f"param group {index}: saved for rule {saved.get('rule')!r}, this one uses {group['rule']!r}")
+            saved_names, names = saved.get("param_names"), group.get("param_names")
+            if saved_names is not None and names is not None and list(saved_names) != list(names):
+                differ = next(((a, b) for a, b in zip(saved_names, names) if a != b), None)
+                raise StateMismatchError(f"param group {index}: saved for other parameters (first difference: {differ})")
+            config = self.rules[group["rule"]].config
+            for position, (pid, param) in enumerate(zip(saved["params"], group["params"])):
+                if pid in saved_state:
+                    label = f"parameter {names[position]!r}" if names else f"parameter {position} of group {index}"
+                    _check_state_layout(config, param.shape, saved_state[pid], label)
         super().load_state_dict(state_dict)
         for group, group_roles in zip(self.param_groups, roles):
             if "roles" not in group and group_roles is not None:  # a state dict from before roles existed
@@ -369,6 +461,32 @@ def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
     if text not in _LOGGED:
         _LOGGED.add(text)
         logger.warning(text)
+
+
+def _config_digest(rule: LearnedRule) -> str:
+    import hashlib
+
+    return hashlib.sha256(rule.config.to_json().encode()).hexdigest()
+
+
+def _check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
+    """`StateMismatchError` unless ``state`` has exactly the keys `features.init_state` gives ``config`` for a
+    parameter of ``shape`` (plus ``skipped_steps``), with the same shapes and kinds (int64 counters, float
+    accumulators)."""
+    expected = F.init_state(config, tuple(shape), device="meta")
+    expected["skipped_steps"] = torch.zeros((), dtype=torch.int64, device="meta")
+    if not isinstance(state, Mapping) or set(state) != set(expected):
+        keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise StateMismatchError(f"optimizer state for {label} has keys {keys}, the rule expects {sorted(expected)}")
+    for key, ref in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(ref.shape):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise StateMismatchError(
+                f"optimizer state {key!r} for {label} is {got}, expected shape {list(ref.shape)} (parameter shape {list(shape)})"
+            )
+        if value.is_floating_point() != ref.is_floating_point():
+            raise StateMismatchError(f"optimizer state {key!r} for {label} has dtype {value.dtype}, expected {ref.dtype}")
 
 
 def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

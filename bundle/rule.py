@@ -22,14 +22,20 @@ import torch
 from torch import nn
 
 from .format import (
+    MANIFEST_NAME,
+    OPTIMIZER_DIR,
+    CorruptFileError,
     FormatVersionError,
     MissingFileError,
     RuleConfigError,
     atomic_write_bytes,
     atomic_write_json,
     load_safetensors_file,
+    parse_json_text,
     read_json_file,
+    read_safetensors_header,
     save_safetensors_bytes,
+    short_repr,
 )
 
 RULE_FORMAT_VERSION = 2
@@ -69,6 +75,19 @@ ROLES = ("matrix", "vector", "embedding", "head", "adapter")
 #: Training regimes a rule may recommend its own learning rate for (`LearnedOptimizer(regime=...)`).
 REGIMES = ("scratch", "finetune")
 WIDTH_SCALINGS = ("none", "mup")
+
+#: Size limits checked before φ is allocated (a rule may come from a stranger): hidden layers of φ and their
+#: width, number of decays and time scales. The largest published rules use 2 hidden layers of width 32.
+MAX_HIDDEN_LAYERS = 16
+MAX_HIDDEN_WIDTH = 4096
+MAX_DECAYS = 16
+MAX_TIME_SCALES = 64
+#: Ranges of the other numeric fields: epsilons in (0, MAX_EPS], time scales in (0, MAX_TIME_SCALE],
+#: multipliers in [0, MAX_MULTIPLIER], base_fan_in at most MAX_BASE_FAN_IN.
+MAX_EPS = 1.0
+MAX_TIME_SCALE = 1e12
+MAX_MULTIPLIER = 1e6
+MAX_BASE_FAN_IN = 2**31
 
 #: Values the fields added in rule format 2 take for a format-1 rule (which behaves exactly as before).
 #: Fields added to format 2 after rules of it were published: a JSON without them gets these values, and a
@@ -213,7 +232,7 @@ class RuleConfig:
             return RuleConfigError(f"RuleConfig.{name}: {why}")
 
         if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
-            raise bad("format_version", f"must be an integer, got {self.format_version!r}")
+            raise bad("format_version", f"must be an integer, got {short_repr(self.format_version)}")
         if self.format_version > RULE_FORMAT_VERSION:
             raise FormatVersionError(
                 f"RuleConfig.format_version is {self.format_version}, but this optbundle reads rule format "
@@ -221,11 +240,11 @@ class RuleConfig:
             )
         if self.format_version < 1:
             raise bad("format_version", f"must be >= 1, got {self.format_version}")
-        if not isinstance(self.features, list) or not self.features:
-            raise bad("features", "must be a non-empty list of feature names")
+        if not isinstance(self.features, list) or not self.features or len(self.features) > len(FEATURE_GROUPS):
+            raise bad("features", f"must be a non-empty list of at most {len(FEATURE_GROUPS)} feature names")
         for name in self.features:
-            if name not in FEATURE_GROUPS:
-                raise bad("features", f"unknown feature {name!r}; known features: {', '.join(FEATURE_GROUPS)}")
+            if not isinstance(name, str) or name not in FEATURE_GROUPS:
+                raise bad("features", f"unknown feature {short_repr(name)}; known features: {', '.join(FEATURE_GROUPS)}")
         if len(set(self.features)) != len(self.features):
             raise bad("features", "lists a feature twice")
         if "time" in self.features and self.features[-1] != "time":
@@ -234,66 +253,74 @@ class RuleConfig:
             raise bad("features", "needs at least one feature besides 'time'")
         for name in ("momentum_decays", "factored_decays"):
             decays = getattr(self, name)
-            if not isinstance(decays, list) or not decays:
-                raise bad(name, "must be a non-empty list of decays in [0, 1)")
+            if not isinstance(decays, list) or not decays or len(decays) > MAX_DECAYS:
+                raise bad(name, f"must be a non-empty list of at most {MAX_DECAYS} decays in [0, 1)")
             for d in decays:
                 if not _is_number(d) or not 0.0 <= d < 1.0:
-                    raise bad(name, f"decay {d!r} is not in [0, 1)")
+                    raise bad(name, f"decay {short_repr(d)} is not in [0, 1)")
         if not _is_number(self.second_moment_decay) or not 0.0 <= self.second_moment_decay < 1.0:
-            raise bad("second_moment_decay", f"{self.second_moment_decay!r} is not in [0, 1)")
+            raise bad("second_moment_decay", f"{short_repr(self.second_moment_decay)} is not in [0, 1)")
         if "adafactor_momentum" in self.features and len(self.momentum_decays) != len(self.factored_decays):
             raise bad(
                 "features",
                 "'adafactor_momentum' pairs momentum k with factored decay k, so momentum_decays and "
                 "factored_decays need the same length",
             )
-        if not isinstance(self.time_scales, list) or any(not _is_number(t) or t <= 0 for t in self.time_scales):
-            raise bad("time_scales", "must be a list of positive numbers")
+        if not isinstance(self.time_scales, list) or len(self.time_scales) > MAX_TIME_SCALES:
+            raise bad("time_scales", f"must be a list of at most {MAX_TIME_SCALES} numbers")
+        for t in self.time_scales:
+            if not _is_number(t) or not 0 < t <= MAX_TIME_SCALE:  # NaN fails the comparison too
+                raise bad("time_scales", f"{short_repr(t)} is not a number in (0, {MAX_TIME_SCALE:g}]")
         if "time" in self.features and not self.time_scales:
             raise bad("time_scales", "is empty but 'time' is a feature")
         for name in ("second_moment_eps", "factored_rsqrt_eps", "normalization_eps", "adam_eps"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise bad(name, f"must be a positive number, got {value!r}")
-        if not _is_number(self.factored_eps) or self.factored_eps < 0:
-            raise bad("factored_eps", f"must be a non-negative number, got {self.factored_eps!r}")
-        if self.factored_dims not in FACTORED_DIMS:
-            raise bad("factored_dims", f"unknown value {self.factored_dims!r}; known: {', '.join(FACTORED_DIMS)}")
+            if not _is_number(value) or not 0 < value <= MAX_EPS:  # NaN fails the comparison too
+                raise bad(name, f"must be a number in (0, {MAX_EPS:g}], got {short_repr(value)}")
+        if not _is_number(self.factored_eps) or not 0 <= self.factored_eps <= MAX_EPS:
+            raise bad("factored_eps", f"must be a number in [0, {MAX_EPS:g}], got {short_repr(self.factored_eps)}")
+        if not isinstance(self.factored_dims, str) or self.factored_dims not in FACTORED_DIMS:
+            raise bad("factored_dims", f"unknown value {short_repr(self.factored_dims)}; known: {', '.join(FACTORED_DIMS)}")
         if (
             not isinstance(self.adam_momentum_index, int)
+            or isinstance(self.adam_momentum_index, bool)
             or not 0 <= self.adam_momentum_index < len(self.momentum_decays)
         ):
-            raise bad("adam_momentum_index", f"must index momentum_decays, got {self.adam_momentum_index!r}")
-        if not isinstance(self.hidden_sizes, list):
-            raise bad("hidden_sizes", "must be a list of positive integers")
+            raise bad("adam_momentum_index", f"must index momentum_decays, got {short_repr(self.adam_momentum_index)}")
+        if not isinstance(self.hidden_sizes, list) or len(self.hidden_sizes) > MAX_HIDDEN_LAYERS:
+            raise bad("hidden_sizes", f"must be a list of at most {MAX_HIDDEN_LAYERS} positive integers")
         for width in self.hidden_sizes:
-            if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
-                raise bad("hidden_sizes", f"width {width!r} is not a positive integer")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
-        if self.output not in OUTPUT_FORMS:
-            raise bad("output", f"unknown output form {self.output!r}; known: {', '.join(OUTPUT_FORMS)}")
+            if not isinstance(width, int) or isinstance(width, bool) or not 0 < width <= MAX_HIDDEN_WIDTH:
+                raise bad("hidden_sizes", f"width {short_repr(width)} is not an integer in [1, {MAX_HIDDEN_WIDTH}]")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise bad("activation", f"unknown activation {short_repr(self.activation)}; known: {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.output, str) or self.output not in OUTPUT_FORMS:
+            raise bad("output", f"unknown output form {short_repr(self.output)}; known: {', '.join(OUTPUT_FORMS)}")
         for name in ("exp_mult", "step_mult", "magnitude_bound", "param_scale_min"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise bad(name, f"must be a finite non-negative number, got {value!r}")
+            if not _is_number(value) or not 0 <= value <= MAX_MULTIPLIER:
+                raise bad(name, f"must be a number in [0, {MAX_MULTIPLIER:g}], got {short_repr(value)}")
         if not isinstance(self.param_scale, bool):
-            raise bad("param_scale", f"must be true or false, got {self.param_scale!r}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if not _is_number(self.schedule_steps) or not math.isfinite(self.schedule_steps) or self.schedule_steps <= 0:
-            raise bad("schedule_steps", f"must be a finite positive number of steps, got {self.schedule_steps!r}")
+            raise bad("param_scale", f"must be true or false, got {short_repr(self.param_scale)}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise bad("schedule", f"unknown schedule {short_repr(self.schedule)}; known: {', '.join(SCHEDULES)}")
+        if not _is_number(self.schedule_steps) or not 0 < self.schedule_steps <= MAX_TIME_SCALE:
+            raise bad("schedule_steps", f"must be a number of steps in (0, {MAX_TIME_SCALE:g}], got {short_repr(self.schedule_steps)}")
         if self.schedule != "constant" and self.output != "hybrid_residual":
             raise bad("schedule", f"{self.schedule!r} needs the 'hybrid_residual' output (format 2); use 'constant'")
         for name, keys in (("recommended_lr", REGIMES), ("role_lr", ROLES)):
             table = getattr(self, name)
             if not isinstance(table, dict) or set(table) != set(keys):
-                raise bad(name, f"must map exactly {', '.join(keys)} to numbers, got {table!r}")
+                raise bad(name, f"must map exactly {', '.join(keys)} to numbers, got {short_repr(table)}")
             for key, value in table.items():
-                if not _is_number(value) or not math.isfinite(value) or value <= 0:
-                    raise bad(name, f"{key}: must be a finite positive number, got {value!r}")
-        if not isinstance(self.orthogonal_roles, list) or any(r not in ROLES for r in self.orthogonal_roles):
-            raise bad("orthogonal_roles", f"must be a list of roles from {', '.join(ROLES)}, got {self.orthogonal_roles!r}")
+                if not _is_number(value) or not 0 < value <= MAX_MULTIPLIER:
+                    raise bad(name, f"{key}: must be a number in (0, {MAX_MULTIPLIER:g}], got {short_repr(value)}")
+        if (
+            not isinstance(self.orthogonal_roles, list)
+            or len(self.orthogonal_roles) > len(ROLES)
+            or any(not isinstance(r, str) or r not in ROLES for r in self.orthogonal_roles)
+        ):
+            raise bad("orthogonal_roles", f"must be a list of roles from {', '.join(ROLES)}, got {short_repr(self.orthogonal_roles)}")
         if self.orthogonal_roles and self.output != "hybrid_residual":
             raise bad("orthogonal_roles", "only the 'hybrid_residual' output orthogonalizes; leave it empty")
         if (
@@ -301,23 +328,27 @@ class RuleConfig:
             or isinstance(self.orthogonal_momentum_index, bool)
             or not 0 <= self.orthogonal_momentum_index < len(self.momentum_decays)
         ):
-            raise bad("orthogonal_momentum_index", f"must index momentum_decays, got {self.orthogonal_momentum_index!r}")
+            raise bad("orthogonal_momentum_index", f"must index momentum_decays, got {short_repr(self.orthogonal_momentum_index)}")
         if not isinstance(self.ns_steps, int) or isinstance(self.ns_steps, bool) or not 1 <= self.ns_steps <= 20:
-            raise bad("ns_steps", f"must be an integer in [1, 20], got {self.ns_steps!r}")
+            raise bad("ns_steps", f"must be an integer in [1, 20], got {short_repr(self.ns_steps)}")
         if (
             not isinstance(self.ns_coefficients, list)
             or len(self.ns_coefficients) != 3
-            or any(not _is_number(c) or not math.isfinite(c) for c in self.ns_coefficients)
+            or any(not _is_number(c) or not abs(c) <= MAX_MULTIPLIER for c in self.ns_coefficients)
         ):
-            raise bad("ns_coefficients", f"must be three finite numbers (a, b, c), got {self.ns_coefficients!r}")
-        if not _is_number(self.matrix_rms) or not math.isfinite(self.matrix_rms) or self.matrix_rms <= 0:
-            raise bad("matrix_rms", f"must be a finite positive number, got {self.matrix_rms!r}")
-        if self.width_scaling not in WIDTH_SCALINGS:
-            raise bad("width_scaling", f"unknown value {self.width_scaling!r}; known: {', '.join(WIDTH_SCALINGS)}")
-        if not isinstance(self.base_fan_in, int) or isinstance(self.base_fan_in, bool) or self.base_fan_in <= 0:
-            raise bad("base_fan_in", f"must be a positive integer, got {self.base_fan_in!r}")
-        if self.finetune_head_lr not in FINETUNE_HEAD_LRS:
-            raise bad("finetune_head_lr", f"unknown value {self.finetune_head_lr!r}; known: {', '.join(FINETUNE_HEAD_LRS)}")
+            raise bad("ns_coefficients", f"must be three finite numbers (a, b, c), got {short_repr(self.ns_coefficients)}")
+        if not _is_number(self.matrix_rms) or not 0 < self.matrix_rms <= MAX_MULTIPLIER:
+            raise bad("matrix_rms", f"must be a number in (0, {MAX_MULTIPLIER:g}], got {short_repr(self.matrix_rms)}")
+        if not isinstance(self.width_scaling, str) or self.width_scaling not in WIDTH_SCALINGS:
+            raise bad("width_scaling", f"unknown value {short_repr(self.width_scaling)}; known: {', '.join(WIDTH_SCALINGS)}")
+        if (
+            not isinstance(self.base_fan_in, int)
+            or isinstance(self.base_fan_in, bool)
+            or not 0 < self.base_fan_in <= MAX_BASE_FAN_IN
+        ):
+            raise bad("base_fan_in", f"must be an integer in [1, {MAX_BASE_FAN_IN}], got {short_repr(self.base_fan_in)}")
+        if not isinstance(self.finetune_head_lr, str) or self.finetune_head_lr not in FINETUNE_HEAD_LRS:
+            raise bad("finetune_head_lr", f"unknown value {short_repr(self.finetune_head_lr)}; known: {', '.join(FINETUNE_HEAD_LRS)}")
         if self.format_version == 1 and self.finetune_head_lr != LATE_DEFAULTS["finetune_head_lr"]:
             raise bad("finetune_head_lr", "needs format_version 2 (set it)")
 
@@ -359,10 +390,12 @@ class RuleConfig:
             )
         try:
             return cls(**data)
+        except FormatVersionError:
+            raise
         except RuleConfigError as err:
-            raise RuleConfigError(f"{source}: {err}") from None
-        except TypeError as err:  # e.g. unhashable values inside lists
-            raise RuleConfigError(f"{source}: {err}") from None
+            raise RuleConfigError(f"{source}: {err}") from err
+        except (TypeError, ValueError, OverflowError, RecursionError) as err:  # e.g. unhashable values inside lists
+            raise RuleConfigError(f"{source}: {short_repr(str(err), 300)}") from err
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -370,14 +403,20 @@ class RuleConfig:
     @classmethod
     def from_json(cls, text: str, *, source: str = "rule config") -> RuleConfig:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RuleConfigError(f"{source}: not valid JSON ({err})") from None
+            data = parse_json_text(text, source=source)
+        except CorruptFileError as err:
+            raise RuleConfigError(str(err)) from err
         return cls.from_dict(data, source=source)
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real, finite number that is not a bool (NaN, inf and integers beyond float range are refused)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class LearnedRule(nn.Module):
@@ -444,16 +483,16 @@ class LearnedRule(nn.Module):
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
         ``token`` (see `optbundle.hub.load_rule_from_hub`).
         """
-        path = Path(directory)
+        from .format import recover_directory
+
+        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
         if not path.exists():
             from .hub import is_hub_reference, load_rule_from_hub
 
             if is_hub_reference(directory):
                 return load_rule_from_hub(cls, str(directory), **hub_kwargs)
             raise MissingFileError(f"{path}: no such rule directory")
-        if (path / "optimizer" / RULE_CONFIG_NAME).exists():
-            path = path / "optimizer"
-        return cls.from_directory(path)
+        return load_rule_directory(cls, path)
 
     def push_to_hub(
         self,
@@ -476,28 +515,65 @@ class LearnedRule(nn.Module):
 
     @classmethod
     def from_directory(cls, path: Path) -> LearnedRule:
+        """Load ``rule_config.json`` + ``rule.safetensors`` (+ ``provenance.json``) from ``path`` without any
+        manifest check (callers that hold a manifest verify it first; see `load_rule_directory`). The config is
+        validated before φ is allocated; φ's tensors must be exactly the expected names, F32 and shapes."""
+        path = Path(path)
         config_path = path / RULE_CONFIG_NAME
         config = RuleConfig.from_dict(read_json_file(config_path), source=str(config_path))
         provenance_path = path / PROVENANCE_NAME
         provenance = read_json_file(provenance_path) if provenance_path.exists() else {}
-        rule = cls(config, provenance=provenance)
+        if not isinstance(provenance, dict):
+            raise CorruptFileError(f"{provenance_path}: expected a JSON object")
         weights_path = path / RULE_WEIGHTS_NAME
-        tensors = load_safetensors_file(weights_path)
-        expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        header = read_safetensors_header(weights_path)
+        expected = {}
+        for index, (out_features, in_features) in enumerate(config.layer_shapes()):
+            expected[f"layers.{index}.weight"] = (out_features, in_features)
+            expected[f"layers.{index}.bias"] = (out_features,)
+        got = {k: tuple(v["shape"]) for k, v in header.items()}
         if set(expected) != set(got):
             missing = sorted(set(expected) - set(got))
             extra = sorted(set(got) - set(expected))
             raise RuleConfigError(
-                f"{weights_path}: tensors do not match {config_path} (missing: {missing or 'none'}, "
-                f"unexpected: {extra or 'none'})"
+                f"{weights_path}: tensors do not match {config_path} (missing: {short_repr(missing, 200)}, "
+                f"unexpected: {short_repr(extra, 200)})"
             )
         for key, shape in expected.items():
             if got[key] != shape:
                 raise RuleConfigError(
-                    f"{weights_path}: tensor {key!r} has shape {list(got[key])}, the config asks for {list(shape)}"
+                    f"{weights_path}: tensor {key!r} has shape {short_repr(list(got[key]))}, the config asks for {list(shape)}"
                 )
+            if header[key]["dtype"] != "F32":
+                raise RuleConfigError(f"{weights_path}: tensor {key!r} is {header[key]['dtype']}, a rule stores F32")
+        tensors = load_safetensors_file(weights_path)
+        for key in expected:
             if not torch.isfinite(tensors[key]).all():
                 raise RuleConfigError(f"{weights_path}: tensor {key!r} holds NaN or inf")
-        rule.load_state_dict(tensors)
+        rule = cls(config, provenance=provenance)
+        try:
+            rule.load_state_dict(tensors)
+        except RuntimeError as err:  # unreachable after the checks above; kept so no foreign error escapes
+            raise RuleConfigError(f"{weights_path}: {short_repr(str(err), 300)}") from err
         return rule
+
+
+def load_rule_directory(rule_cls: type[LearnedRule], path: Path) -> LearnedRule:
+    """The rule of a local folder, verified against its manifest when it has one.
+
+    - a bundle (an ``optimizer/`` folder beside the weights): ``bundle.json`` is required and verified, and the
+      default rule under ``optimizer/`` is loaded;
+    - a rule repo (``bundle.json`` beside ``rule_config.json``): verified, then loaded;
+    - a bare rule folder (``rule.save_pretrained``; no manifest): loaded as is.
+    """
+    from .format import verified_directory
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: not a rule directory")
+    is_bundle = (path / OPTIMIZER_DIR).is_dir() and not (path / RULE_CONFIG_NAME).exists()
+    if is_bundle or (path / MANIFEST_NAME).exists():
+        if not (path / MANIFEST_NAME).exists():
+            raise MissingFileError(f"{path / MANIFEST_NAME}: a bundle's rule is loaded only after its manifest is verified")
+        verified_directory(path)
+    return rule_cls.from_directory(path / OPTIMIZER_DIR if is_bundle else path)

@@ -656,6 +656,9 @@ def _fold_kernel(
     param_max = tl.load(scal + OFF_EXTRA + 3)
     new_param_bound = param_max * (1.0 + tl.abs(decay)) + tl.abs(lr) * step_bound
     grad_bad = tl.load(scal + OFF_FLAGS + 0)
+    # Σg² beyond the largest fp32 (or NaN): the fp32 second moments would overflow, so skip like a NaN gradient
+    grad_total = tl.load(scal + OFF_EXTRA + 0)
+    grad_bad = tl.where(grad_total <= 3.4028234663852886e38, grad_bad, 1.0)
     mode = tl.where(grad_bad != 0.0, 2.0, tl.where(new_param_bound < 1e37, 0.0, 1.0))
     tl.store(scal + OFF_FLAGS + 1, mode)
     if grad_bad != 0.0:

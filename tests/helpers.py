@@ -64,3 +64,20 @@ def assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads) -
             assert int(opt.state[p]["step"]) == 2
         assert all(torch.isfinite(v.float()).all() for v in opt.state[p].values())
         assert torch.isfinite(p.float()).all()
+
+
+def private_tqdm_lock():
+    """Give this (forked) process its own tqdm lock: tqdm's default lock includes a multiprocessing semaphore shared
+    with the parent, and a child killed while holding it (a progress bar of from_pretrained/save_pretrained) would
+    leave the parent deadlocked at its next progress bar."""
+    import threading
+
+    from tqdm import tqdm
+
+    lock = threading.RLock()
+    classes = [tqdm]
+    while classes:  # the class and every subclass that made its own lock (tqdm.auto's, huggingface_hub's)
+        cls = classes.pop()
+        if cls is tqdm or "_lock" in vars(cls):
+            cls._lock = lock
+        classes.extend(cls.__subclasses__())
