@@ -567,6 +567,7 @@ def main() -> None:
         args.tasks = None
         args.quick = any(part["quick"] for part in parts)
         args.seeds = min(part["seeds"] for part in parts)
+        args.parts = [part["command"] for part in parts]
         write_outputs(results, rule, rule_label, args, stem, sum(part["seconds"] for part in parts))
         return
     sources = [json.loads(path.read_text()) for path in args.baselines or []]
@@ -601,9 +602,14 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+def with_ext(stem: Path, ext: str) -> Path:
+    """``stem`` + ``ext`` (``Path.with_suffix`` would cut a stem with a dot in it, e.g. ``dev-lr0.03``)."""
+    return stem.parent / (stem.name + ext)
+
+
 def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -> None:
     config = rule.config
-    stem.with_suffix(".json").write_text(json.dumps({
+    with_ext(stem, ".json").write_text(json.dumps({
         "rule": rule_label,
         "rule_output": config.output,
         "recommended_lr": getattr(config, "recommended_lr", None),
@@ -625,6 +631,9 @@ def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -
         f"meta-trained: {rule.provenance.get('meta_trained')}, recipe: {rule.provenance.get('recipe')}; "
         f"recommended lr {getattr(config, 'recommended_lr', None)}). Command: `{command_line(args)}`; "
         f"{args.seeds} seeds; {seconds / 60:.1f} min on {platform.machine()} (torch threads: {args.threads}).",
+        *([f"Merged from runs over task subsets: {'; '.join(f'`{c}`' for c in args.parts)}. `--baselines` reuses the"
+           " AdamW/Muon curves of an earlier run of the same tasks, horizon, sweep and seeds (deterministic on CPU,"
+           " so a rerun computes the same curves); only the rule ran again."] if getattr(args, "parts", None) else []),
         "",
         "Loss = training objective on a fixed evaluation set. The rule runs as shipped (recommended lr, no tuning);"
         " AdamW and Muon (+ AdamW on non-matrix tensors), weight decay 0.01, at the best of 5 log-spaced lrs."
@@ -686,10 +695,10 @@ def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -
         f"- beats AdamW lr 1e-3 (lower final loss) on **{sum(r['beats_default_lr'] for r in with_default)}/{len(with_default)}**"
         f" tasks that sweep it; diverged on {sum(r['diverged'] for r in results)}",
         "",
-        f"![curves]({stem.with_suffix('.png').name})",
+        f"![curves]({with_ext(stem, '.png').name})",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(results, stem.with_suffix(".png"), lr_is_adamw=getattr(config, "format_version", 1) >= 2)
+    with_ext(stem, ".md").write_text("\n".join(lines) + "\n")
+    plot(results, with_ext(stem, ".png"), lr_is_adamw=getattr(config, "format_version", 1) >= 2)
     print("\n".join(lines))
 
 
