@@ -1,4 +1,4 @@
-"""The ``optbundle`` command line: ``push``, ``pull``, ``inspect`` (and more subcommands as they are added).
+"""The ``optbundle`` command line: ``push``, ``pull``, ``inspect``, ``env`` (and more subcommands as they are added).
 
 Each subcommand is one function taking the parsed arguments and returning an exit status, registered with
 `subcommand` together with a function that declares its arguments::
@@ -453,6 +453,72 @@ def inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
     else:
         _print_description(info)
+    return 0
+
+
+# ---- env ---------------------------------------------------------------------------------------------------------
+
+
+#: distributions ``optbundle env`` reports (by distribution name), in order; a missing one prints "not installed"
+ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "huggingface_hub", "safetensors", "datasets")
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def environment_info() -> dict[str, str]:
+    """What ``optbundle env`` prints, as ``{key: value}`` (versions, platform, CUDA, threads), like ``hf env``."""
+    import os
+    import platform
+
+    from . import __version__
+
+    info = {
+        "optbundle version": __version__,
+        "Platform": platform.platform(),
+        "Python version": platform.python_version(),
+    }
+    for name in ENV_PACKAGES:
+        info[f"{name} version"] = _package_version(name) or "not installed"
+    triton = _package_version("triton")
+    if triton is not None:
+        info["triton version"] = triton
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        info["CUDA available"] = (
+            f"yes ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
+            if cuda else "no"
+        )
+        info["torch threads"] = str(torch.get_num_threads())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        info["CUDA available"] = "unknown (torch not installed)"
+    info["CPU count"] = str(os.cpu_count())
+    info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "not set")
+    return info
+
+
+def _env_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+@subcommand("env", help="print the versions of optbundle, Python, torch and the HF libraries (for bug reports)",
+            arguments=_env_arguments)
+def env(args: argparse.Namespace) -> int:
+    info = environment_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("Copy-and-paste the text below in your GitHub issue.\n")
+    for key, value in info.items():
+        print(f"- {key}: {value}")
     return 0
 
 

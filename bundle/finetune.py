@@ -14,15 +14,16 @@ multipliers. Runs are in-process, one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -306,6 +307,40 @@ def load_model(model_args: ModelArguments, seed: int, tokenizer):
     return model
 
 
+class _RepeatedLoadReportFilter(logging.Filter):
+    """Drops a transformers "LOAD REPORT" (e.g. ``classifier.* MISSING``) identical to one already let through;
+    every other record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to drop
+            return True
+        if "LOAD REPORT" not in message:
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def load_reports_once() -> Iterator[None]:
+    """Within the block, transformers' load report of a model (``classifier.* MISSING``: a new head) prints
+    once, not once per `from_pretrained` of the same model; other warnings are untouched."""
+    loader_logger = logging.getLogger("transformers.modeling_utils")
+    once = _RepeatedLoadReportFilter()
+    loader_logger.addFilter(once)
+    try:
+        yield
+    finally:
+        loader_logger.removeFilter(once)
+
+
 # ---- runs ---------------------------------------------------------------------------------------------
 
 
@@ -366,7 +401,15 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
     """All runs of a recipe; writes results.md, results.json, loss_curves.png (and the learned bundle).
 
     ``announce`` (e.g. ``print``; the CLI passes it) receives one line naming each run before it starts, so a log
-    says which run it belongs to."""
+    says which run it belongs to. A tqdm bar counts the runs (off with the recipe's ``disable_tqdm: true``);
+    transformers' load report of the model (a new head's ``classifier.* MISSING``) prints once, not per run."""
+    with load_reports_once():
+        return _run_recipe(recipe, announce)
+
+
+def _run_recipe(recipe: Recipe, announce: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
     from . import load_rule
 
     results_dir = Path(recipe.optim.results_dir)
@@ -380,6 +423,7 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
     best_learned = None
     total = len(recipe.optim.seeds) * len(plan)
     index = 0
+    bar = tqdm(total=total, desc=f"{recipe.name}: runs", unit="run", disable=bool(recipe.training.disable_tqdm))
     for seed in recipe.optim.seeds:
         for name, lr in plan:
             index += 1
@@ -387,12 +431,15 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
                     f"lr {'(the rule default)' if lr is None else f'{lr:g}'}, seed {seed}")
             logger.info(line)
             if announce is not None:
-                announce(line)
+                with tqdm.external_write_mode():  # the line above the bars, not through them
+                    announce(line)
             row = run_one(recipe, name, lr, seed, train, eval_, tokenizer, rule)
             bundle = row.pop("_bundle", None)
             if bundle is not None and (best_learned is None or row["eval_loss"] < best_learned[0]):
                 best_learned = (row["eval_loss"], bundle)
             rows.append(row)
+            bar.update(1)
+    bar.close()
     if recipe.optim.bundle_output and best_learned is not None:
         best_learned[1].save_pretrained(recipe.optim.bundle_output, save_state=recipe.optim.save_state)
     table = results_table(recipe, rows, rule)
@@ -462,7 +509,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if ax.lines:  # no curve when a run logged no loss (max_steps < logging_steps)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

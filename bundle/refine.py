@@ -330,13 +330,17 @@ def finetune_curve(
     seed: int,
     batch_size: int,
     eval_every: int = 10,
+    progress: bool = False,
+    desc: str = "fine-tuning",
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place for ``steps`` steps on batches drawn with ``seed`` (identical for every
     optimizer given the same seed) and return the held-out loss curve ``[(step, loss), ...]`` and wall time.
 
     The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
-    receives the named trainable parameters.
+    receives the named trainable parameters. ``progress``: a tqdm bar over the steps, labelled ``desc``.
     """
+    from tqdm.auto import tqdm
+
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(named)
@@ -344,6 +348,7 @@ def finetune_curve(
     curve = [(0, evaluate_loss(model, held_out))]
     train_losses = []
     start = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=1.0)
     for step in range(1, steps + 1):
         ids, mask, labels = train.gather(torch.randint(0, len(train), (batch_size,), generator=generator))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -353,6 +358,9 @@ def finetune_curve(
         train_losses.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             curve.append((step, evaluate_loss(model, held_out)))
+            bar.set_postfix(held_out_loss=f"{curve[-1][1]:.4f}")
+        bar.update(1)
+    bar.close()
     finite = all(math.isfinite(v) for _, v in curve)
     return {"curve": curve, "final": curve[-1][1], "train_losses": train_losses, "diverged": not finite,
             "wall_s": time.perf_counter() - start}
@@ -484,7 +492,8 @@ def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, s
         copy_ = copy.deepcopy(model)
         results[label] = finetune_curve(copy_, learned_optimizer_factory(rule, state), train, held_out,
                                         cfg.compare_steps, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                                        eval_every=max(1, cfg.compare_steps // 8))
+                                        eval_every=max(1, cfg.compare_steps // 8), progress=cfg.progress,
+                                        desc=f"before/after: {label} rule")
         del copy_
     before, after = results["parent"]["final"], results["refined"]["final"]
     return {

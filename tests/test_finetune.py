@@ -55,3 +55,50 @@ def test_recipe_rejects_a_dataset_that_does_not_fit_the_task(tmp_path):
     recipe = load_recipe("recipes/minilm-sms-spam.yaml", {"dataset": "shakespeare"})
     with pytest.raises(ValueError, match="shakespeare"):
         build_datasets(recipe.data, recipe.model, load_tokenizer(recipe.model))
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_runs_are_labelled_counted_by_a_bar_and_the_load_report_prints_once(tmp_path, capsys, monkeypatch, quiet):
+    import logging
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reports = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if "LOAD REPORT" in record.getMessage():
+                reports.append(record.getMessage())
+
+    loader = logging.getLogger("transformers.modeling_utils")
+    handler = Collect(level=logging.WARNING)
+    loader.addHandler(handler)
+    out = tmp_path / "run"
+    try:
+        status = main([
+            "finetune", "recipes/minilm-sms-spam.yaml",
+            "--set", "max_steps=1", "--set", "train_size=16", "--set", "eval_size=8", "--set", "adamw_lrs=[0.00005]",
+            "--set", "rule_lrs=[]", "--set", "seeds=[0,1]", "--set", f"disable_tqdm={str(quiet).lower()}",
+            "--set", f"results_dir={out}", "--set", "bundle_output=null", "--set", f"output_dir={out / 'trainer'}",
+        ])
+    finally:
+        loader.removeHandler(handler)
+    assert status == 0
+    captured = capsys.readouterr()
+    for index, (what, seed) in enumerate([("learned rule 'default'", 0), ("AdamW", 0), ("learned rule 'default'", 1),
+                                          ("AdamW", 1)], start=1):
+        assert f"run {index}/4: {what}," in captured.out and f"seed {seed}" in captured.out
+    # four models built with a new classifier head: the "classifier.* MISSING" report once, not four times
+    assert len(reports) == 1 and "MISSING" in reports[0]
+    assert ("minilm-sms-spam: runs" in captured.err) != quiet
+    if not quiet:
+        assert "4/4" in captured.err
+    # other warnings of the loader still pass after the run
+    seen = []
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loader.addHandler(handler)
+    try:
+        loader.warning("another warning")
+        loader.warning("another warning")
+    finally:
+        loader.removeHandler(handler)
+    assert seen == ["another warning", "another warning"]

@@ -167,3 +167,14 @@ def test_cli_refine_minilm_recipe(tmp_path, capsys):
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_before_after_runs_show_a_progress_bar_unless_quiet(tmp_path, capsys, progress):
+    refined = _bundle().refine(digits_dataset(64), out_dir=str(tmp_path / "run"), **dict(SMALL, meta_steps=1, progress=progress))
+    assert refined.rule.provenance["before_after"]["steps"] == SMALL["compare_steps"]
+    err = capsys.readouterr().err
+    for label in ("parent", "refined"):
+        assert (f"before/after: {label} rule" in err) == progress, err
+    if progress:
+        assert f"{SMALL['compare_steps']}/{SMALL['compare_steps']}" in err
