@@ -468,10 +468,10 @@ def results_table(recipe: Recipe, rows: list[dict[str, Any]], rule) -> str:
         f"{rows[0]['steps'] if rows else 0} steps, batch {recipe.training.per_device_train_batch_size}, "
         f"seeds {recipe.optim.seeds}. Learned rule: `{recipe.optim.rule}` (hash {rule.content_hash()[:12]}, "
         f"{rule.provenance.get('method', 'unknown method')}, meta_trained={rule.provenance.get('meta_trained')}); "
-        "the learned rule runs at a constant lr (its own scheduler), AdamW with the recipe's schedule "
+        "the learned rule runs at its own lr and schedule (`Bundle.optimizer()`: the rule's own decay, if any), AdamW with the recipe's schedule "
         f"(`{recipe.training.lr_scheduler_type.value if hasattr(recipe.training.lr_scheduler_type, 'value') else recipe.training.lr_scheduler_type}`).",
         "",
-        "| optimizer | lr | final train loss | eval loss | eval accuracy | wall s/run |",
+        "| optimizer | lr | final train loss (mean of the last 3 logged) | eval loss | eval accuracy | wall s/run |",
         "|---|---|---|---|---|---|",
     ]
     keys = []
