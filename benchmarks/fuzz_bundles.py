@@ -414,20 +414,12 @@ def run_case(base: Path, work: Path, seed: int, index: int, loader_name: str) ->
 
 def _worker(connection: Any, base: str, work: str, seed: int) -> None:
     import logging
-    import threading
 
-    from tqdm import tqdm
+    if str(Path(__file__).resolve().parents[1] / "tests") not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import private_tqdm_lock
 
-    # tqdm's default lock holds a multiprocessing semaphore shared across forks: a worker killed while holding
-    # it would deadlock every later worker, so each one gets its own
-    lock = threading.RLock()
-    classes = [tqdm]
-    while classes:  # the class and every subclass that made its own lock (tqdm.auto's, huggingface_hub's)
-        cls = classes.pop()
-        if cls is tqdm or "_lock" in vars(cls):
-            cls._lock = lock
-        classes.extend(cls.__subclasses__())
-
+    private_tqdm_lock()  # a worker killed while holding tqdm's shared lock would deadlock every later worker
     logging.disable(logging.CRITICAL)
     with contextlib.suppress(Exception):
         import transformers

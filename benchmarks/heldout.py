@@ -426,10 +426,9 @@ def summarize(spec: HeldOutTask, steps: int, eval_every: int, curves: dict[str, 
     final = {k: [c[-1] for c in v] for k, v in curves.items()}
     mean_final = {k: mean(v) for k, v in final.items()}
     best_adamw = min((k for k in curves if k.startswith("adamw@")), key=lambda k: mean_final[k])
-    muon_keys = [k for k in curves if k.startswith("muon@")]
-    best_muon = min(muon_keys, key=lambda k: mean_final[k]) if muon_keys else None
+    best_muon = min((k for k in curves if k.startswith("muon@")), key=lambda k: mean_final[k])
     ratio, speed = compare(curves, best_adamw, axis)
-    ratio_muon, speed_muon = compare(curves, best_muon, axis) if best_muon else (None, None)
+    ratio_muon, speed_muon = compare(curves, best_muon, axis)
     default_key = f"adamw@{DEFAULT_LR:g}"
     speed_default = compare(curves, default_key, axis)[1] if default_key in curves else None
     return {
@@ -442,9 +441,9 @@ def summarize(spec: HeldOutTask, steps: int, eval_every: int, curves: dict[str, 
         "lrs": spec.lrs,
         "rule_lr": rule_lr,
         "best_lr": float(best_adamw.split("@")[1]),  # best AdamW lr
-        "best_muon_lr": float(best_muon.split("@")[1]) if best_muon else None,
+        "best_muon_lr": float(best_muon.split("@")[1]),
         "final": final,
-        "mean_final": {"rule": mean_final["rule"], "adamw": mean_final[best_adamw], "muon": mean_final[best_muon] if best_muon else None},
+        "mean_final": {"rule": mean_final["rule"], "adamw": mean_final[best_adamw], "muon": mean_final[best_muon]},
         "curves": curves,
         "loss_ratio": ratio,  # vs best AdamW
         "speedup": speed,  # vs best AdamW
@@ -454,7 +453,7 @@ def summarize(spec: HeldOutTask, steps: int, eval_every: int, curves: dict[str, 
         "beats_default_lr": (mean_final["rule"] < mean_final[default_key]) if default_key in curves else None,
         # compared on losses floored at LOSS_FLOOR, like the ratios (two losses below it count as equal)
         "rule_le_best_adamw": floored_mean(final["rule"]) <= floored_mean(final[best_adamw]),
-        "rule_le_best_muon": floored_mean(final["rule"]) <= floored_mean(final[best_muon]) if best_muon else None,
+        "rule_le_best_muon": floored_mean(final["rule"]) <= floored_mean(final[best_muon]),
         "diverged": any(not math.isfinite(v) or v > c[0] for v, c in zip(final["rule"], curves["rule"])),
         "seconds": round(seconds, 1),
     }

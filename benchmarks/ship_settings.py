@@ -73,13 +73,19 @@ VARIANTS = {
 }
 
 
+def derived_rule(parent: LearnedRule, settings: dict, provenance: dict) -> LearnedRule:
+    """``parent``'s φ (copied) under ``parent``'s config with ``settings`` replaced."""
+    rule = LearnedRule(dataclasses.replace(parent.config, **settings), provenance)
+    rule.load_state_dict(parent.state_dict())
+    return rule
+
+
 def write_variants(directory: Path) -> None:
     import torch
 
     parent = load_rule("default-v3")
     for name, settings in VARIANTS.items():
-        rule = LearnedRule(dataclasses.replace(parent.config, **settings), {**parent.provenance, "variant": name})
-        rule.load_state_dict(parent.state_dict())
+        rule = derived_rule(parent, settings, {**parent.provenance, "variant": name})
         if name.startswith("zero-"):
             with torch.no_grad():
                 for p in rule.parameters():
@@ -91,18 +97,16 @@ def write_variants(directory: Path) -> None:
 def ship(name: str, out: Path) -> LearnedRule:
     settings = dict(SETTINGS[name])
     parent = load_rule(settings.pop("parent"))
-    config = dataclasses.replace(parent.config, **settings)
     provenance = {
         **parent.provenance,
         "method": "shipped settings",
         "settings_parent": parent.provenance.get("recipe"),
         "settings_parent_rule": parent.content_hash(),
-        "settings_changed": {k: v for k, v in settings.items()},
+        "settings_changed": dict(settings),
         "settings_chosen_on": "python benchmarks/heldout.py --suite dev (benchmarks/results/meta-training.md §6)",
         "settings_command": f"python benchmarks/ship_settings.py --name {name}",
     }
-    rule = LearnedRule(config, provenance)
-    rule.load_state_dict(parent.state_dict())
+    rule = derived_rule(parent, settings, provenance)
     rule.save_pretrained(out)
     return rule
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from sklearn.datasets import load_digits
@@ -81,3 +82,13 @@ def private_tqdm_lock():
         if cls is tqdm or "_lock" in vars(cls):
             cls._lock = lock
         classes.extend(cls.__subclasses__())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for the test (tiny models; a second thread only adds contention), restored after.
+    Import it into a test module to use it there."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

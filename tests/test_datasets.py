@@ -3,12 +3,11 @@
 
 import json
 
-import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
-from helpers import digits_dataset
+from helpers import digits_dataset, one_thread  # noqa: F401 (autouse fixture)
 from optbundle import Bundle, load_rule
 from optbundle.assets import minilm_path
 from optbundle.cli import main
@@ -16,14 +15,6 @@ from optbundle.refine import token_data
 
 SMALL = dict(meta_steps=1, truncation=2, episode_length=[2, 4], pairs=1, batch_size=4, meta_batch_size=8,
              compare_steps=0, checkpoint_every=1, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def lm_rows(n, offset=0):

@@ -14,7 +14,6 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants
 from transformers import BertConfig, BertForSequenceClassification
 
-from hub_server import LoopbackHub
 from optbundle import Bundle, BundleError, LearnedRule, load_rule
 from optbundle.card import REPO_PLACEHOLDER, card_for_repo, is_generated_card, seal_card
 from optbundle.cli import main
@@ -32,30 +31,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def hub_server():
-    with LoopbackHub() as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server, monkeypatch, tmp_path):
-    """The loopback Hub as the client's endpoint, with a fresh cache and no credentials or telemetry."""
-    hub_server.reset()
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.endpoint)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield hub_server
-    assert hub_server.unhandled == [], f"the client called routes the loopback Hub does not serve: {hub_server.unhandled}"
 
 
 def tiny_model(seed=0):

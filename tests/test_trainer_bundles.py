@@ -5,46 +5,15 @@ Real Trainer, real PEFT, the loopback Hub of tests/hub_server.py; tiny BERT on s
 
 import pytest
 import torch
-from huggingface_hub import CommitInfo, ModelCard, constants
+from huggingface_hub import CommitInfo, ModelCard
 from transformers import Trainer
 
-from helpers import digits_bert, digits_dataset, params_of, trainer_args
-from hub_server import LoopbackHub
+from helpers import digits_bert, digits_dataset, params_of, trainer_args, one_thread  # noqa: F401 (autouse fixture)
 from optbundle import Bundle, BundleCallback, load_rule
 from optbundle.format import MANIFEST_NAME, ChecksumError, read_json_file
 
 LICENSE = "apache-2.0"
 BASE = "prajjwal1/bert-tiny"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def hub_server():
-    with LoopbackHub() as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server, monkeypatch, tmp_path):
-    hub_server.reset()
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.endpoint)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield hub_server
 
 
 def make_trainer(out, steps, bundle, callback=True, **args):

@@ -11,20 +11,12 @@ import pytest
 import torch
 from transformers import Trainer
 
-from helpers import digits_bert, digits_dataset, logged_losses, trainer_args
+from helpers import digits_bert, digits_dataset, logged_losses, trainer_args, one_thread  # noqa: F401 (autouse fixture)
 from optbundle import Bundle, load_rule
 
 STEPS = 16
 WARMUP = 4
 PEAK = 3e-3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run(tmp_path, path, schedule, **arg_overrides):
