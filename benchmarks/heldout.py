@@ -64,8 +64,8 @@ from typing import Any
 import torch
 
 from optbundle import Bundle, LearnedRule, load_rule
-from optbundle import features as F
-from optbundle.bundle import model_roles
+from optbundle.step import reference as F
+from optbundle.store.bundle import model_roles
 from optbundle.meta import data as D
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U

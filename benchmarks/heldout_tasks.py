@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optbundle import assets
+from optbundle.store import assets
 from optbundle.meta import data as D
 
 Batch = tuple[torch.Tensor, ...]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from optbundle import features as F
+from optbundle.step import reference as F
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U
 from optbundle.meta.trainer import initial_rule, load_recipe

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from optbundle import LearnedOptimizer, load_rule
-from optbundle import features as F
-from optbundle import optimizer as O
+from optbundle.step import reference as F
+from optbundle.step import optimizer as O
 
 CPU_SIZES = [1_000_000, 10_000_000, 50_000_000]
 CUDA_SIZES = [1_000_000, 10_000_000, 100_000_000, 1_000_000_000]

@@ -10,11 +10,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .bundle import Bundle
-from .format import BundleError
-from .hub import HubError
-from .optimizer import LearnedOptimizer
-from .rule import LearnedRule, RuleConfig
+from .store.bundle import Bundle
+from .files import BundleError
+from .store.hub import HubError
+from .step.optimizer import LearnedOptimizer
+from .step.rule import LearnedRule, RuleConfig
 
 
 def load_rule(name_or_path: str | Path, **hub_kwargs: Any) -> LearnedRule:
@@ -24,12 +24,12 @@ def load_rule(name_or_path: str | Path, **hub_kwargs: Any) -> LearnedRule:
     ``"namespace/name"`` (a rule-only repo or a bundle repo) is fetched at one commit and verified;
     ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``.
     """
-    from .hub import is_hub_reference
-    from .pretrained import load_shipped_rule, shipped_rule_names
+    from .store.hub import is_hub_reference
+    from .store.pretrained import load_shipped_rule, shipped_rule_names
 
     if isinstance(name_or_path, str) and name_or_path in shipped_rule_names():
         return load_shipped_rule(name_or_path)
-    from .format import recover_directory
+    from .files import recover_directory
 
     path = recover_directory(Path(name_or_path))
     if path.exists():
@@ -44,7 +44,7 @@ def load_rule(name_or_path: str | Path, **hub_kwargs: Any) -> LearnedRule:
 
 def __getattr__(name: str) -> Any:
     if name == "BundleCallback":  # imported on first use: it needs transformers, which `import optbundle` does not
-        from .trainer import BundleCallback
+        from .store.trainer import BundleCallback
 
         return BundleCallback
     raise AttributeError(f"module 'optbundle' has no attribute {name!r}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .format import (
+from .files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     STATE_JSON_NAME,
@@ -172,8 +172,8 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("push", help="publish a bundle (or a rule) folder to the Hub as one commit", arguments=_push_arguments)
 def push(args: argparse.Namespace) -> int:
-    from .hub import push_directory, push_rule
-    from .rule import RULE_CONFIG_NAME, LearnedRule
+    from .store.hub import push_directory, push_rule
+    from .step.rule import RULE_CONFIG_NAME, LearnedRule
 
     directory: Path = args.directory
     if not directory.exists() and Path(args.repo_id).is_dir():  # `hf upload REPO_ID PATH` order
@@ -211,7 +211,7 @@ def _pull_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("pull", help="download a bundle or rule repo at one commit into a folder, verified", arguments=_pull_arguments)
 def pull(args: argparse.Namespace) -> int:
-    from .hub import pull_repo
+    from .store.hub import pull_repo
 
     snapshot = pull_repo(args.repo_id, args.directory, **_download_kwargs(args))
     count = len(snapshot.manifest["files"]) + 1
@@ -232,7 +232,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def safetensors_parameter_count(path: Path) -> int:
     """Number of values stored in a safetensors file, read from its checked JSON header only (no tensor is loaded)."""
-    from .format import read_safetensors_header
+    from .files import read_safetensors_header
 
     total = 0
     for entry in read_safetensors_header(path).values():
@@ -244,14 +244,14 @@ def safetensors_parameter_count(path: Path) -> int:
 
 
 def _shipped_names() -> list[str]:
-    from .pretrained import shipped_rule_names
+    from .store.pretrained import shipped_rule_names
 
     return shipped_rule_names()
 
 
 def _shipped_rule_dir(name: str) -> Path | None:
     """The folder of the shipped rule ``name`` (``default`` resolves through ``aliases.json``), or None."""
-    from .pretrained import ALIASES_NAME, PRETRAINED_DIR
+    from .store.pretrained import ALIASES_NAME, PRETRAINED_DIR
 
     if name not in _shipped_names():
         return None
@@ -279,8 +279,8 @@ def describe(
     """What ``optbundle inspect`` reports, as data: source, manifest, files, rule, provenance, model parameter
     count and optimizer state size. A Hub id fetches only ``bundle.json`` and the optimizer's small files; the
     model's parameter count then comes from the safetensors headers (HTTP range reads)."""
-    from .hub import download_repo, is_hub_reference, rule_files
-    from .rule import LearnedRule
+    from .store.hub import download_repo, is_hub_reference, rule_files
+    from .step.rule import LearnedRule
 
     info: dict[str, Any] = {}
     if is_hub_reference(str(target)):
@@ -550,7 +550,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("finetune", help="run a fine-tuning recipe with the learned rule and with AdamW; print the results table",
             arguments=_finetune_arguments)
 def finetune(args: argparse.Namespace) -> int:
-    from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
+    from .apps.finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
 
     recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
     run_recipe(recipe, announce=lambda line: print(line, flush=True))
@@ -568,7 +568,7 @@ def finetune(args: argparse.Namespace) -> int:
 @subcommand("refine", help="meta-refine a bundle's rule on a model + dataset recipe and save the refined bundle",
             arguments=_finetune_arguments)
 def refine(args: argparse.Namespace) -> int:
-    from .refine import load_refine_recipe, run_refine_recipe
+    from .meta.refine import load_refine_recipe, run_refine_recipe
 
     recipe = load_refine_recipe(args.recipe, _recipe_overrides(args.set, "refine"))
     result = run_refine_recipe(recipe)

@@ -54,9 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from optbundle import features as F
-from optbundle.fast_step import FeaturePlan, feature_plan
-from optbundle.rule import RuleConfig
+from optbundle.step import reference as F
+from optbundle.step.fast_step import FeaturePlan, feature_plan
+from optbundle.step.rule import RuleConfig
 
 # ---- table layouts ------------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from optbundle import features as F
-from optbundle.rule import SMALL_FC_LOPT_FEATURES, LearnedRule, RuleConfig
+from optbundle.step import reference as F
+from optbundle.step.rule import SMALL_FC_LOPT_FEATURES, LearnedRule, RuleConfig
 
 ADAM_LR = 1e-3
 SAMPLE_STEPS = (1, 2, 3, 5, 8, 13, 20, 35, 60, 100, 170, 300, 500, 900, 1500)

@@ -12,8 +12,8 @@ import torch
 import _parity
 from _parity import fresh_state, weights_of
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
-from optbundle import fast_step
-from optbundle import features as F
+from optbundle.step import fast_step
+from optbundle.step import reference as F
 
 SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3), (3, 40, 24)]
 
@@ -176,7 +176,7 @@ def test_unsupported_tensor_falls_back_to_the_reference(default_rule):
 
 def test_small_tensors_take_the_reference_exactly(default_rule, monkeypatch):
     """At most SMALL_TENSOR elements: LearnedOptimizer's torch back end is the reference, bit for bit."""
-    from optbundle import optimizer as O
+    from optbundle.step import optimizer as O
 
     results = []
     for backend in ("torch", "reference"):

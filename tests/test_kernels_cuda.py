@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 import _parity  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
-from optbundle import optimizer as O  # noqa: E402
+from optbundle.step import optimizer as O  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 if K.interpreter_active():

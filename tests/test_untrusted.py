@@ -19,7 +19,7 @@ from helpers import private_tqdm_lock
 
 from optbundle import Bundle, BundleError, LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.cli import main
-from optbundle.format import (
+from optbundle.files import (
     MANIFEST_NAME,
     ChecksumError,
     CorruptFileError,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..rule import LearnedRule, RuleConfig
+from ..step.rule import LearnedRule, RuleConfig
 from . import tasks as T
 from . import unroll as U
 
@@ -49,7 +49,7 @@ def loss_curves(
 
 
 def _init(config: RuleConfig, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    from .. import features as F
+    from ..step import reference as F
 
     return F.init_state(config, value.shape[1:], batch_shape=value.shape[:1])
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(f"rule saved to {trainer.out_dir / 'rule'} (meta-steps {trainer.meta_step}, {trainer.wall_time_s:.0f}s)")
         if args.ship:
-            from optbundle.pretrained import PRETRAINED_DIR
+            from optbundle.store.pretrained import PRETRAINED_DIR
 
             target = PRETRAINED_DIR / args.ship
             shutil.rmtree(target, ignore_errors=True)

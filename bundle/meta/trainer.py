@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..format import atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
-from ..rule import LearnedRule, RuleConfig
+from ..files import atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
+from ..step.rule import LearnedRule, RuleConfig
 from . import estimators as E
 from . import unroll as U
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .. import features as F
-from ..roles import assign_roles, regime_lr_factor
-from ..rule import LearnedRule, RuleConfig
+from ..step import reference as F
+from ..step.roles import assign_roles, regime_lr_factor
+from ..step.rule import LearnedRule, RuleConfig
 from . import tasks as T
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import features as F
-from .meta import tasks as T
-from .rule import LearnedRule
+from ..step import reference as F
+from . import tasks as T
+from ..step.rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def finetune_curve(
 
 def learned_optimizer_factory(rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float = 1.0):
     """A `finetune_curve` optimizer factory for a rule (starting from a bundle's named accumulators)."""
-    from .optimizer import LearnedOptimizer
+    from ..step.optimizer import LearnedOptimizer
 
     def make(named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         optimizer = LearnedOptimizer(named, rule, lr=lr)
@@ -398,7 +398,7 @@ def with_lr_folded(rule: LearnedRule, lr: float) -> LearnedRule:
 
 
 def _meta_config(cfg: RefineConfig, parent_hash: str):
-    from .meta.trainer import MetaTrainConfig
+    from .trainer import MetaTrainConfig
 
     return MetaTrainConfig(
         name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", estimator=cfg.estimator, sigma=cfg.sigma,
@@ -419,8 +419,8 @@ def refine_bundle(
 ):
     """`Bundle.refine` (see there). Returns the refined `Bundle`, or ``None`` when ``max_wall_time_s`` stopped
     the run early (call again with the same arguments to resume from ``out_dir``)."""
-    from .bundle import Bundle
-    from .meta.trainer import MetaTrainer
+    from ..store.bundle import Bundle
+    from .trainer import MetaTrainer
 
     cfg = RefineConfig.from_kwargs(**options)
     if len(bundle.rules) > 1:
@@ -560,8 +560,8 @@ class RefineRecipe:
 
 def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RefineRecipe:
     """Parse a refinement recipe: the `finetune` model/data keys, `RefineSource` and `RefineConfig` keys."""
-    from .finetune import DataArguments, ModelArguments, parse_recipe
-    from .recipes import recipe_path
+    from ..apps.finetune import DataArguments, ModelArguments, parse_recipe
+    from ..recipes import recipe_path
 
     stem = recipe_path(str(path)).stem
     _, (model, data_args, source, config) = parse_recipe(
@@ -573,9 +573,9 @@ def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = N
 
 def run_refine_recipe(recipe: RefineRecipe):
     """Build (or load) the bundle, refine it on the recipe's data, save the refined bundle; returns it."""
-    from . import load_rule
-    from .bundle import Bundle
-    from .finetune import build_datasets, load_model, load_tokenizer
+    from .. import load_rule
+    from ..store.bundle import Bundle
+    from ..apps.finetune import build_datasets, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     if recipe.source.bundle:

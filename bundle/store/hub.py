@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .format import (
+from ..files import (
     CARD_NAME,
     MANIFEST_NAME,
     OPTIMIZER_DIR,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
     from .bundle import Bundle
-    from .rule import LearnedRule
+    from ..step.rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def load_bundle_from_hub(
 
 def rule_files(manifest: dict[str, Any]) -> list[str]:
     """The manifest paths of a repo's rule: at the root of a rule-only repo, under ``optimizer/`` in a bundle."""
-    from .rule import PROVENANCE_NAME, RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
+    from ..step.rule import PROVENANCE_NAME, RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
 
     prefix = "" if manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
     names = [prefix + name for name in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME, PROVENANCE_NAME)]
@@ -380,7 +380,7 @@ def load_rule_from_hub(
 ) -> LearnedRule:
     """`LearnedRule.from_pretrained` for a Hub id: a rule-only repo, or the rule of a bundle repo (only the
     rule's files are fetched, not the model weights). The fetched files are verified against ``bundle.json``."""
-    from .rule import RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
+    from ..step.rule import RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
 
     snapshot = download_repo(
         repo_id,

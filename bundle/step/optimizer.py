@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from . import fast_step
-from . import features as F
-from .format import StateMismatchError
+from . import reference as F
+from ..files import StateMismatchError
 from .roles import assign_roles, check_roles, regime_lr_factor
 from .rule import REGIMES, LearnedRule
 

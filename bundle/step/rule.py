@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .format import (
+from ..files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     CorruptFileError,
@@ -483,11 +483,11 @@ class LearnedRule(nn.Module):
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
         ``token`` (see `optbundle.hub.load_rule_from_hub`).
         """
-        from .format import recover_directory
+        from ..files import recover_directory
 
         path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
         if not path.exists():
-            from .hub import is_hub_reference, load_rule_from_hub
+            from ..store.hub import is_hub_reference, load_rule_from_hub
 
             if is_hub_reference(directory):
                 return load_rule_from_hub(cls, str(directory), **hub_kwargs)
@@ -506,7 +506,7 @@ class LearnedRule(nn.Module):
     ) -> Any:
         """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
         ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
-        from .hub import push_rule
+        from ..store.hub import push_rule
 
         return push_rule(
             self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
@@ -566,7 +566,7 @@ def load_rule_directory(rule_cls: type[LearnedRule], path: Path) -> LearnedRule:
     - a rule repo (``bundle.json`` beside ``rule_config.json``): verified, then loaded;
     - a bare rule folder (``rule.save_pretrained``; no manifest): loaded as is.
     """
-    from .format import verified_directory
+    from ..files import verified_directory
 
     path = Path(path)
     if not path.is_dir():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .rule import LearnedRule
+from ..step.rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_schedule(
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers with ``.optimizer``)."""
-    from .optimizer import LearnedOptimizer
+    from ..step.optimizer import LearnedOptimizer
 
     inner, depth = optimizer, 0
     while not isinstance(inner, LearnedOptimizer) and hasattr(inner, "optimizer") and depth < 8:
@@ -151,7 +151,7 @@ def save_bundle_into(bundle: Any, directory: str | Path, **save_kwargs: Any) -> 
     """
     import shutil
 
-    from .format import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
+    from ..files import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
 
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ class BundleCallback(TrainerCallback):
 
     # ---- what the optimizer did, in Trainer's logs ---------------------------------------------------------
     def _learned_optimizer(self) -> Any:
-        from .optimizer import LearnedOptimizer
+        from ..step.optimizer import LearnedOptimizer
 
         inner = unwrap_optimizer(self.trainer.optimizer) if self.trainer is not None else None
         return inner if isinstance(inner, LearnedOptimizer) else None
@@ -337,7 +337,7 @@ class BundleCallback(TrainerCallback):
     def write_card(self, directory: str | Path, **trainer_card_kwargs: Any) -> Path:
         """Write optbundle's card (with Trainer's metrics) as ``directory/README.md``."""
         from .card import model_card
-        from .format import CARD_NAME
+        from ..files import CARD_NAME
 
         path = Path(directory) / CARD_NAME
         path.write_text(model_card(self.bundle, **self.card_info(**trainer_card_kwargs)), encoding="utf-8")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..format import BundleError
-from ..rule import LearnedRule
+from ...files import BundleError
+from ...step.rule import LearnedRule
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 ALIASES_NAME = "aliases.json"

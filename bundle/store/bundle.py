@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .format import (
+from ..files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     STATE_JSON_NAME,
@@ -61,9 +61,9 @@ from .format import (
     verify_manifest,
     write_card_and_manifest,
 )
-from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
-from .roles import assign_roles
-from .rule import REGIMES, ROLES, LearnedRule
+from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
+from ..step.roles import assign_roles
+from ..step.rule import REGIMES, ROLES, LearnedRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -380,7 +380,7 @@ class Bundle:
         ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
         (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
         """
-        from .refine import refine_bundle
+        from ..meta.refine import refine_bundle
 
         return refine_bundle(self, train_dataset, eval_dataset, dataset_name=dataset_name, **config)
 
@@ -617,7 +617,7 @@ def check_state_fits(
     path: Path, state: NamedState, model: nn.Module, rules: dict[str, LearnedRule], routing: list[tuple[str, str]]
 ) -> None:
     """Every saved accumulator names a parameter of ``model`` and has the layout its rule needs for it."""
-    from .optimizer import _check_state_layout
+    from ..step.optimizer import _check_state_layout
 
     params = dict(model.named_parameters())
     for name, entry in state.items():
@@ -654,7 +654,7 @@ def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | N
 
 def _check_format_version(info: dict[str, Any], newest: int, path: Path, *, required: bool = True) -> None:
     """``format_version`` of a bundle JSON file: a positive integer (not a bool) no newer than ``newest``."""
-    from .format import FormatVersionError
+    from ..files import FormatVersionError
 
     version = info.get("format_version")
     if version is None and not required:
@@ -880,7 +880,7 @@ def _weight_headers(directory: Path) -> dict[str, tuple[dict[str, Any], Path]]:
         weight_map, names = None, [TORCH_WEIGHTS_NAME]
     stored: dict[str, tuple[dict[str, Any], Path]] = {}
     for name in names:
-        from .format import check_relative_path
+        from ..files import check_relative_path
 
         check_relative_path(name, source=str(index_path))
         path = directory / name

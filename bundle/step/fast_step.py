@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import features as F
+from . import reference as F
 from .rule import RuleConfig
 
 #: Elements per chunk: large enough that per-op overhead (≈2 µs × ~50 ops per chunk) stays small, small enough

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
-    from .rule import LearnedRule
+    from ..step.rule import LearnedRule
 
 #: Stands for the repo id in the usage snippet of a card written to disk; `card_for_repo` fills it in on push.
 REPO_PLACEHOLDER = "path/or/repo"

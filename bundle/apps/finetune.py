@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from . import assets
-from .bundle import Bundle
+from ..store import assets
+from ..store.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def load_named_dataset(data: DataArguments) -> tuple[Any, Any]:
     ``split_seed`` split of train), each shuffled with ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
     from datasets import load_dataset
 
-    from .refine import EVAL_SPLITS
+    from ..meta.refine import EVAL_SPLITS
 
     loaded = load_dataset(data.dataset, data.dataset_config, data_files=_resolve_data_files(data.data_files, data.recipe_dir))
     if data.train_split not in loaded:
@@ -410,7 +410,7 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
 def _run_recipe(recipe: Recipe, announce: Callable[[str], None] | None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from . import load_rule
+    from .. import load_rule
 
     results_dir = Path(recipe.optim.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
