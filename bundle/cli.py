@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+from .apps.finetune import load_recipe, results_table, run_recipe
+from .apps.refine import load_refine_recipe, run_refine_recipe
 from .files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
@@ -40,8 +43,13 @@ from .files import (
     CorruptFileError,
     read_json_file,
     read_manifest,
+    read_safetensors_header,
     verify_manifest,
 )
+from .step.rule import RULE_CONFIG_NAME
+from .store.hub import download_repo, is_hub_reference, pull_repo, push_directory, push_rule, rule_files
+from .store.pretrained import shipped_rule_names, shipped_rule_path
+from .store.rule import LearnedRule
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,6 @@ def subcommand(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="optbundle", description="Ship a model together with the learned optimizer that fine-tunes it."
     )
@@ -172,9 +178,6 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("push", help="publish a bundle (or a rule) folder to the Hub as one commit", arguments=_push_arguments)
 def push(args: argparse.Namespace) -> int:
-    from .store.hub import push_directory, push_rule
-    from .step.rule import RULE_CONFIG_NAME, LearnedRule
-
     directory: Path = args.directory
     if not directory.exists() and Path(args.repo_id).is_dir():  # `hf upload REPO_ID PATH` order
         directory, args.repo_id = Path(args.repo_id), str(args.directory)
@@ -211,8 +214,6 @@ def _pull_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("pull", help="download a bundle or rule repo at one commit into a folder, verified", arguments=_pull_arguments)
 def pull(args: argparse.Namespace) -> int:
-    from .store.hub import pull_repo
-
     snapshot = pull_repo(args.repo_id, args.directory, **_download_kwargs(args))
     count = len(snapshot.manifest["files"]) + 1
     print(f"pulled {args.repo_id}@{snapshot.commit} into {args.directory} ({count} files verified)")
@@ -232,8 +233,6 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def safetensors_parameter_count(path: Path) -> int:
     """Number of values stored in a safetensors file, read from its checked JSON header only (no tensor is loaded)."""
-    from .files import read_safetensors_header
-
     total = 0
     for entry in read_safetensors_header(path).values():
         count = 1
@@ -243,21 +242,9 @@ def safetensors_parameter_count(path: Path) -> int:
     return total
 
 
-def _shipped_names() -> list[str]:
-    from .store.pretrained import shipped_rule_names
-
-    return shipped_rule_names()
-
-
 def _shipped_rule_dir(name: str) -> Path | None:
     """The folder of the shipped rule ``name`` (``default`` resolves through ``aliases.json``), or None."""
-    from .store.pretrained import ALIASES_NAME, PRETRAINED_DIR
-
-    if name not in _shipped_names():
-        return None
-    aliases_path = PRETRAINED_DIR / ALIASES_NAME
-    aliases = json.loads(aliases_path.read_text()) if aliases_path.exists() else {}
-    return PRETRAINED_DIR / aliases.get(name, name)
+    return shipped_rule_path(name) if name in shipped_rule_names() else None
 
 
 def _weight_files(manifest: dict[str, Any]) -> list[str]:
@@ -279,9 +266,6 @@ def describe(
     """What ``optbundle inspect`` reports, as data: source, manifest, files, rule, provenance, model parameter
     count and optimizer state size. A Hub id fetches only ``bundle.json`` and the optimizer's small files; the
     model's parameter count then comes from the safetensors headers (HTTP range reads)."""
-    from .store.hub import download_repo, is_hub_reference, rule_files
-    from .step.rule import LearnedRule
-
     info: dict[str, Any] = {}
     if is_hub_reference(str(target)):
         state_json = f"{OPTIMIZER_DIR}/{STATE_JSON_NAME}"
@@ -304,7 +288,7 @@ def describe(
             directory = shipped
         if not directory.is_dir():
             raise BundleError(
-                f"{directory}: not a directory, a shipped rule name ({', '.join(_shipped_names())}) or a Hub repo id "
+                f"{directory}: not a directory, a shipped rule name ({', '.join(shipped_rule_names())}) or a Hub repo id "
                 "'namespace/name'"
             )
         manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
@@ -477,7 +461,6 @@ def environment_info() -> dict[str, str]:
     import os
     import platform
 
-    from . import __version__
 
     info = {
         "optbundle version": __version__,
@@ -550,8 +533,6 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("finetune", help="run a fine-tuning recipe with the learned rule and with AdamW; print the results table",
             arguments=_finetune_arguments)
 def finetune(args: argparse.Namespace) -> int:
-    from .apps.finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
-
     recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
     run_recipe(recipe, announce=lambda line: print(line, flush=True))
     results = Path(recipe.optim.results_dir)
@@ -568,8 +549,6 @@ def finetune(args: argparse.Namespace) -> int:
 @subcommand("refine", help="meta-refine a bundle's rule on a model + dataset recipe and save the refined bundle",
             arguments=_finetune_arguments)
 def refine(args: argparse.Namespace) -> int:
-    from .meta.refine import load_refine_recipe, run_refine_recipe
-
     recipe = load_refine_recipe(args.recipe, _recipe_overrides(args.set, "refine"))
     result = run_refine_recipe(recipe)
     if result is None:

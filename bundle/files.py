@@ -26,6 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+VERSION = "0.1.0"  # optbundle's version (pyproject.toml's), written into every manifest
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 # The model card is documentation that users edit on the Hub; it is never read to load anything, so the
@@ -368,17 +369,6 @@ def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptFileError(f"{path}: not a valid safetensors file ({short_repr(str(err), 200)})") from err
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    read_safetensors_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as err:
-        raise CorruptFileError(f"{path}: not a valid safetensors file ({short_repr(str(err), 200)})") from err
-
-
 # ---- manifest -----------------------------------------------------------------------------------------
 
 
@@ -398,8 +388,6 @@ def check_relative_path(name: str, *, source: str) -> PurePosixPath:
 
 def build_manifest(directory: Path, *, kind: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """List every file under ``directory`` (except the manifest) with its size and sha256."""
-    from . import __version__
-
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
@@ -410,7 +398,7 @@ def build_manifest(directory: Path, *, kind: str, extra: dict[str, Any] | None =
     manifest = {
         "format": "optbundle",
         "format_version": BUNDLE_FORMAT_VERSION,
-        "optbundle_version": __version__,
+        "optbundle_version": VERSION,
         "kind": kind,
         "files": files,
     }
@@ -450,7 +438,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 #: Files `transformers.Trainer` writes beside the model in a checkpoint (or output) folder. They are pickles
 #: that only Trainer's resume reads; transformers' and PEFT's ``from_pretrained`` and optbundle never open them,
-#: so a Trainer checkpoint that is also a bundle (`optbundle.trainer.BundleCallback`) may hold them.
+#: so a Trainer checkpoint that is also a bundle (`optbundle.store.trainer.BundleCallback`) may hold them.
 TRAINER_FILES = (
     "optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state.pth", "rng_state_*.pth",
     "trainer_state.json", "*_results.json",

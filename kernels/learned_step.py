@@ -1,6 +1,6 @@
 """Fused Triton kernels of the learned step, and their launcher `fused_learned_step_`.
 
-The math is `optbundle.features.learned_update` (the one torch reference); this file organizes it for a GPU.
+The math is `optbundle.step.reference.learned_update` (the one torch reference); this file organizes it for a GPU.
 All tensors of a parameter group that share a class (factored or not, parameter dtype, gradient dtype) go
 through each pass in **one launch**: an int64 table holds every tensor's pointers, another its sizes and
 scratch offsets, and a program table maps each program to ``(tensor, tile)``. Offsets are 64-bit; any rank
@@ -254,7 +254,7 @@ def _features(
     USE_AFG: tl.constexpr, USE_AFM: tl.constexpr, SECOND_EPS: tl.constexpr, RSQRT_EPS: tl.constexpr,
     ADAM_EPS: tl.constexpr, ADAM_INDEX: tl.constexpr,
 ):
-    """The elementwise features in X's row order (`optbundle.fast_step.FeaturePlan`), as a tuple."""
+    """The elementwise features in X's row order (`optbundle.step.fast_step.FeaturePlan`), as a tuple."""
     x = ()
     if USE_G:
         x = x + (g,)

@@ -6,7 +6,7 @@ Adam's step ``1e-3 · m̂/(√v̂ + 1e-8)``. The result is a sane starting point
 
     python -m optbundle.recipes.fit_adam_init --out bundle/pretrained/adam-init --seed 0
 
-Everything runs through `optbundle.features` (the same math as `LearnedOptimizer`). Deterministic for a
+Everything runs through `optbundle.step.reference` (the same math as `LearnedOptimizer`). Deterministic for a
 fixed seed on CPU.
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from optbundle.step import reference as F
-from optbundle.step.rule import SMALL_FC_LOPT_FEATURES, LearnedRule, RuleConfig
+from optbundle.step.rule import SMALL_FC_LOPT_FEATURES, RuleConfig
+from optbundle.store.rule import LearnedRule
 
 ADAM_LR = 1e-3
 SAMPLE_STEPS = (1, 2, 3, 5, 8, 13, 20, 35, 60, 100, 170, 300, 500, 900, 1500)

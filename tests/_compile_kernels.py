@@ -19,7 +19,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from optbundle import LearnedRule, features as F, load_rule  # noqa: E402
+from optbundle import LearnedRule, load_rule  # noqa: E402
+from optbundle.step import reference as F  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 KERNELS = ["_reduce_kernel", "_rows_cols_kernel", "_reduce_adafactor_kernel", "_fold_kernel", "_apply_kernel"]

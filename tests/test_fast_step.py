@@ -1,4 +1,4 @@
-"""The fast torch path (`optbundle.fast_step`, LearnedOptimizer's CPU default) against the torch reference.
+"""The fast torch path (`optbundle.step.fast_step`, LearnedOptimizer's CPU default) against the torch reference.
 
 Tolerances as stated in tests/_parity.py. Small ``chunk_elements`` force every chunking case on small
 tensors: chunks of whole slices, chunks of rows inside a slice, several chunks per unfactored tensor.

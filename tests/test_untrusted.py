@@ -253,7 +253,7 @@ def test_leftover_staging_and_backup_folders_are_cleaned(base, tmp_path):
 
 
 def _save_then_die_between_renames(base, target):
-    import optbundle.format as fmt
+    import optbundle.files as fmt
 
     private_tqdm_lock()
     calls = []

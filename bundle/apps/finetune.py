@@ -28,8 +28,11 @@ from typing import Any
 
 import torch
 
+from ..meta.refine import EVAL_SPLITS
+from ..recipes import recipe_path
 from ..store import assets
 from ..store.bundle import Bundle
+from ..store.rule import load_rule
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +115,6 @@ def parse_recipe(path: str | Path, classes: tuple, overrides: dict[str, Any] | N
     import yaml
     from transformers import HfArgumentParser
 
-    from optbundle.recipes import recipe_path
-
-    import dataclasses
-
     path = recipe_path(str(path))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -170,8 +169,6 @@ def load_named_dataset(data: DataArguments) -> tuple[Any, Any]:
     data_files=...)``: ``train_split``, and ``eval_split`` (or the first of validation/eval/test present, or a
     ``split_seed`` split of train), each shuffled with ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
     from datasets import load_dataset
-
-    from ..meta.refine import EVAL_SPLITS
 
     loaded = load_dataset(data.dataset, data.dataset_config, data_files=_resolve_data_files(data.data_files, data.recipe_dir))
     if data.train_split not in loaded:
@@ -410,8 +407,6 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
 def _run_recipe(recipe: Recipe, announce: Callable[[str], None] | None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from .. import load_rule
-
     results_dir = Path(recipe.optim.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
@@ -514,7 +509,3 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 from .estimators import AdamWState, MetaLossConfig, adamw_update, normalized_meta_loss, sanitize_meta_gradient
 from .unroll import flatten_rule, load_flat_into_rule, parameter_mask
 from ..step.optimizer import LearnedOptimizer
-from ..step.rule import LearnedRule
+from ..store.rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 

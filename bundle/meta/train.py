@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..store.pretrained import PRETRAINED_DIR
 from .trainer import MetaTrainer, load_recipe
 
 
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(f"rule saved to {trainer.out_dir / 'rule'} (meta-steps {trainer.meta_step}, {trainer.wall_time_s:.0f}s)")
         if args.ship:
-            from optbundle.store.pretrained import PRETRAINED_DIR
-
             target = PRETRAINED_DIR / args.ship
             shutil.rmtree(target, ignore_errors=True)
             rule.save_pretrained(target)

@@ -22,7 +22,8 @@ import torch
 
 from ..step import reference as F
 from ..step.roles import assign_roles, regime_lr_factor
-from ..step.rule import LearnedRule, RuleConfig
+from ..step.rule import RuleConfig
+from ..store.rule import LearnedRule
 from . import tasks as T
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]
@@ -114,7 +115,7 @@ def parameter_mask(config: RuleConfig, trainable: str | Sequence[str] = "all") -
 
 
 def task_roles(task: T.Task, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Role of each stacked parameter (`optbundle.roles`, from names and per-copy shapes), cached on the task."""
+    """Role of each stacked parameter (`optbundle.step.roles`, from names and per-copy shapes), cached on the task."""
     roles = getattr(task, "_optbundle_roles", None)
     if roles is None or set(roles) != set(params):
         names = list(params)

@@ -31,7 +31,7 @@ from . import fast_step
 from . import reference as F
 from ..files import StateMismatchError
 from .roles import assign_roles, check_roles, regime_lr_factor
-from .rule import REGIMES, LearnedRule
+from .rule import REGIMES, RuleNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _log_once(message: str, *args: Any) -> None:
 def _triton_kernels():
     """The fused kernels module, or ``None`` (with the reason logged once) when Triton cannot be used."""
     try:
-        from optbundle.kernels import learned_step
+        from optbundle.kernels import learned_step  # optional and heavy: Triton
     except Exception as err:  # ImportError, or Triton failing to initialize
         _log_once("Triton kernels unavailable (%s); using the torch path", err)
         return None
@@ -96,7 +96,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         regime: "scratch" (a freshly initialized model) or "finetune" (a pretrained one): picks the rule's
             recommended lr when ``lr`` is None.
 
-    Each param group holds ``"roles"``, one role per parameter (`optbundle.roles`), assigned from the
+    Each param group holds ``"roles"``, one role per parameter (`optbundle.step.roles`), assigned from the
     parameter names (``(name, parameter)`` pairs) and shapes unless the group gives them; format-2 rules
     treat hidden matrices, vectors, embeddings, heads and adapters differently.
 
@@ -115,14 +115,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        rule: LearnedRule | Mapping[str, LearnedRule],
+        rule: RuleNetwork | Mapping[str, RuleNetwork],
         lr: float | None = None,
         weight_decay: float = 0.0,
         regime: str = "scratch",
     ) -> None:
-        if isinstance(rule, LearnedRule):
+        if isinstance(rule, RuleNetwork):
             rules = {DEFAULT_RULE_NAME: rule}
-        elif isinstance(rule, Mapping) and rule and all(isinstance(r, LearnedRule) for r in rule.values()):
+        elif isinstance(rule, Mapping) and rule and all(isinstance(r, RuleNetwork) for r in rule.values()):
             rules = dict(rule)
         else:
             raise TypeError(f"rule must be a LearnedRule or a non-empty mapping name -> LearnedRule, got {type(rule).__name__}")
@@ -138,7 +138,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
-        self.rules: dict[str, LearnedRule] = {name: r.requires_grad_(False) for name, r in rules.items()}
+        self.rules: dict[str, RuleNetwork] = {name: r.requires_grad_(False) for name, r in rules.items()}
         self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
         self._roles: dict[torch.Tensor, str | None] = {}  # filled from the groups' "roles" at each step
         super().__init__(params, dict(lr=float(lr), weight_decay=float(weight_decay), rule=default_rule))
@@ -199,7 +199,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._step_params(params, rule, device, group["lr"], group["weight_decay"])
         return loss
 
-    def _check_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
+    def _check_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         """Raise `StateMismatchError` unless ``param``'s state has the keys, shapes and dtypes ``rule`` needs
         (checked again whenever the state dict or one of its tensors was replaced)."""
         state = self.state[param]
@@ -209,13 +209,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         _check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
         self._checked_states[param] = key
 
-    def _init_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
+    def _init_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         state = self.state[param]
         if not state:
             state.update(F.init_state(rule.config, param.shape, device=param.device))
             state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=param.device)
 
-    def _step_params(self, params: list[torch.Tensor], rule: LearnedRule, device: torch.device, lr, weight_decay) -> None:
+    def _step_params(self, params: list[torch.Tensor], rule: RuleNetwork, device: torch.device, lr, weight_decay) -> None:
         """One step of ``params`` (all on ``device``, states initialized) with the selected back end."""
         config = rule.config
         weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
@@ -275,7 +275,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if reason == "update":
             logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
 
-    def _step_param(self, param: torch.Tensor, rule: LearnedRule, weights, lr: float, weight_decay: float) -> None:
+    def _step_param(self, param: torch.Tensor, rule: RuleNetwork, weights, lr: float, weight_decay: float) -> None:
         """The reference back end: `features.learned_update` on fp32 copies, written back when finite."""
         config = rule.config
         self._init_state(param, rule)
@@ -439,7 +439,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 LR_RANGE_FACTOR = 30.0
 
 
-def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
+def _check_lr_range(rule: RuleNetwork, lr: float, regime: str) -> None:
     """Warn once when ``lr`` is far from the rule's ``recommended_lr[regime]`` (training would stall or blow up).
 
     The usual mistake: AdamW's habit ``lr=1e-3`` given to a format-1 rule, whose ``lr`` is a multiplier (1 = as
@@ -463,7 +463,7 @@ def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
         logger.warning(text)
 
 
-def _config_digest(rule: LearnedRule) -> str:
+def _config_digest(rule: RuleNetwork) -> str:
     import hashlib
 
     return hashlib.sha256(rule.config.to_json().encode()).hexdigest()

@@ -1,17 +1,21 @@
-"""The learned update rule: `RuleConfig` (every constant the step depends on) and `LearnedRule` (φ + config).
+"""The learned update rule: `RuleConfig` (every constant the step depends on) and `RuleNetwork` (φ + config).
 
 A rule is a tiny MLP shared by all coordinates. It reads per-coordinate features (gradient, parameter,
 momenta, second moments, Adafactor-style factored statistics, time) and writes a direction ``d`` and a
-log-magnitude ``a`` that the output formula turns into a step. The math lives once, in `features.py`.
+log-magnitude ``a`` that the output formula turns into a step. The math lives once, in `reference.py`.
 
 On disk a rule is two files: ``rule_config.json`` (a `RuleConfig`) and ``rule.safetensors`` (φ), plus an
 optional ``provenance.json`` saying how it was made. Nothing in a rule depends on code defaults: the JSON
 holds every constant, and loading refuses fields it does not know and fields that are missing.
+
+`RuleNetwork` is what the step consumes and what its files hold; the public `optbundle.LearnedRule`
+(`optbundle.store.rule`) is this class plus loading from bundles and the Hub and publishing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,11 +26,8 @@ import torch
 from torch import nn
 
 from ..files import (
-    MANIFEST_NAME,
-    OPTIMIZER_DIR,
     CorruptFileError,
     FormatVersionError,
-    MissingFileError,
     RuleConfigError,
     atomic_write_bytes,
     atomic_write_json,
@@ -419,7 +420,7 @@ def _is_number(x: Any) -> bool:
         return False
 
 
-class LearnedRule(nn.Module):
+class RuleNetwork(nn.Module):
     """φ (an MLP shared by all coordinates) together with the `RuleConfig` that says how to use it.
 
     ``layers[i]`` are `nn.Linear` modules with the shapes of `RuleConfig.layer_shapes`. ``provenance`` is a
@@ -435,7 +436,7 @@ class LearnedRule(nn.Module):
 
     @property
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """φ as ``[(weight, bias), ...]`` for the functional step in `features.py`."""
+        """φ as ``[(weight, bias), ...]`` for the functional step in `reference.py`."""
         return [(layer.weight, layer.bias) for layer in self.layers]
 
     def num_parameters(self) -> int:
@@ -443,8 +444,6 @@ class LearnedRule(nn.Module):
 
     def content_hash(self) -> str:
         """sha256 over the canonical config JSON and φ's bytes: identifies a rule (e.g. as a parent)."""
-        import hashlib
-
         digest = hashlib.sha256(self.config.to_json().encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
@@ -475,46 +474,7 @@ class LearnedRule(nn.Module):
         return files
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **hub_kwargs: Any) -> LearnedRule:
-        """Load a rule from a directory holding ``rule_config.json`` + ``rule.safetensors``.
-
-        A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded. A Hub id
-        ``"namespace/name"`` (a rule-only repo, or a bundle repo whose rule is wanted) is fetched at one commit and
-        verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
-        ``token`` (see `optbundle.hub.load_rule_from_hub`).
-        """
-        from ..files import recover_directory
-
-        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
-        if not path.exists():
-            from ..store.hub import is_hub_reference, load_rule_from_hub
-
-            if is_hub_reference(directory):
-                return load_rule_from_hub(cls, str(directory), **hub_kwargs)
-            raise MissingFileError(f"{path}: no such rule directory")
-        return load_rule_directory(cls, path)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        overwrite_card: bool = False,
-    ) -> Any:
-        """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
-        ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
-        from ..store.hub import push_rule
-
-        return push_rule(
-            self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
-            overwrite_card=overwrite_card,
-        )
-
-    @classmethod
-    def from_directory(cls, path: Path) -> LearnedRule:
+    def from_directory(cls, path: Path) -> RuleNetwork:
         """Load ``rule_config.json`` + ``rule.safetensors`` (+ ``provenance.json``) from ``path`` without any
         manifest check (callers that hold a manifest verify it first; see `load_rule_directory`). The config is
         validated before φ is allocated; φ's tensors must be exactly the expected names, F32 and shapes."""
@@ -556,24 +516,3 @@ class LearnedRule(nn.Module):
         except RuntimeError as err:  # unreachable after the checks above; kept so no foreign error escapes
             raise RuleConfigError(f"{weights_path}: {short_repr(str(err), 300)}") from err
         return rule
-
-
-def load_rule_directory(rule_cls: type[LearnedRule], path: Path) -> LearnedRule:
-    """The rule of a local folder, verified against its manifest when it has one.
-
-    - a bundle (an ``optimizer/`` folder beside the weights): ``bundle.json`` is required and verified, and the
-      default rule under ``optimizer/`` is loaded;
-    - a rule repo (``bundle.json`` beside ``rule_config.json``): verified, then loaded;
-    - a bare rule folder (``rule.save_pretrained``; no manifest): loaded as is.
-    """
-    from ..files import verified_directory
-
-    path = Path(path)
-    if not path.is_dir():
-        raise MissingFileError(f"{path}: not a rule directory")
-    is_bundle = (path / OPTIMIZER_DIR).is_dir() and not (path / RULE_CONFIG_NAME).exists()
-    if is_bundle or (path / MANIFEST_NAME).exists():
-        if not (path / MANIFEST_NAME).exists():
-            raise MissingFileError(f"{path / MANIFEST_NAME}: a bundle's rule is loaded only after its manifest is verified")
-        verified_directory(path)
-    return rule_cls.from_directory(path / OPTIMIZER_DIR if is_bundle else path)

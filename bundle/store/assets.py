@@ -124,6 +124,3 @@ def text_dataset(texts, labels, *, label_name: str = "label"):
     from datasets import Dataset
 
     return Dataset.from_dict({"text": list(texts), label_name: list(labels)})
-
-
-DATASETS = {"sms-spam": sms_spam}

@@ -46,11 +46,13 @@ from ..files import (
     STATE_TENSORS_NAME,
     BundleError,
     CorruptFileError,
+    FormatVersionError,
     MissingFileError,
     ModelLoadError,
     StateMismatchError,
     atomic_directory,
     atomic_write_json,
+    check_relative_path,
     load_safetensors_file,
     read_json_file,
     read_manifest,
@@ -61,9 +63,13 @@ from ..files import (
     verify_manifest,
     write_card_and_manifest,
 )
-from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
+from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, _check_state_layout, constant_schedule
 from ..step.roles import assign_roles
-from ..step.rule import REGIMES, ROLES, LearnedRule
+from ..step.rule import REGIMES, ROLES
+from .assets import resolve_model
+from .card import model_card
+from .hub import is_hub_reference, load_bundle_from_hub, push_bundle, push_directory
+from .rule import LearnedRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -146,7 +152,7 @@ def detect_regime(model: nn.Module) -> str:
 
 
 def model_roles(model: nn.Module) -> dict[str, str]:
-    """Role of every parameter of ``model`` (`optbundle.roles`): names and shapes, plus module types
+    """Role of every parameter of ``model`` (`optbundle.step.roles`): names and shapes, plus module types
     (``nn.Embedding`` parameters are embeddings whatever their name)."""
     named = list(model.named_parameters())
     roles = dict(zip((n for n, _ in named), assign_roles([(n, tuple(p.shape)) for n, p in named])))
@@ -238,9 +244,6 @@ class Bundle:
         return DEFAULT_RULE_NAME
 
     # ---- optimizer -----------------------------------------------------------------------------------
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def optimizer(
         self,
         lr: float | None = None,
@@ -275,7 +278,7 @@ class Bundle:
         Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
         ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
         """
-        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
 
         if args is not None:
             if lr is None and lr_is_learning_rate(self.rule):
@@ -346,7 +349,7 @@ class Bundle:
 
         class LearnedOptimizerFactory:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
-                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
 
                 chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, **kwargs}
                 trainer = find_trainer()
@@ -380,7 +383,7 @@ class Bundle:
         ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
         (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
         """
-        from ..meta.refine import refine_bundle
+        from ..meta.refine import refine_bundle  # the meta layer sits above this one; only refine() needs it
 
         return refine_bundle(self, train_dataset, eval_dataset, dataset_name=dataset_name, **config)
 
@@ -388,7 +391,7 @@ class Bundle:
         """Take the accumulators to ship from an optimizer (by parameter name) or a name → state mapping.
 
         ``trainer.optimizer`` works as it is: accelerate's ``AcceleratedOptimizer`` wrapper is unwrapped."""
-        from .trainer import unwrap_optimizer
+        from .trainer import unwrap_optimizer  # imports transformers, which `import optbundle` does not
 
         state = unwrap_optimizer(state)
         if isinstance(state, LearnedOptimizer):
@@ -462,15 +465,12 @@ class Bundle:
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype, max_shard_size=shard_bytes)
-            from .card import model_card
 
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
                 extra["base_model"] = base_model_identity(self.model)
             write_card_and_manifest(staging, model_card(self, **dict(card_info or {})), kind=self.kind, extra=extra)
         if push_to_hub:
-            from .hub import push_directory
-
             repo_id = push_kwargs.pop("repo_id", None) or target.name
             push_directory(target, repo_id, **push_kwargs)
         return target
@@ -514,10 +514,8 @@ class Bundle:
         The arguments mean what they mean for ``PreTrainedModel.push_to_hub``: ``revision`` is the branch to push
         to (default ``main``), ``create_pr`` opens a pull request instead of committing to it, ``tags`` are added
         to the card's metadata, ``max_shard_size`` shards weights and accumulators. A README.md edited on the
-        Hub is kept unless ``overwrite_card=True``. See `optbundle.hub.push_directory`.
+        Hub is kept unless ``overwrite_card=True``. See `optbundle.store.hub.push_directory`.
         """
-        from .hub import push_bundle
-
         card_info = {"tags": list(tags)} if tags else None
         return push_bundle(
             self, repo_id, save_state=save_state, state_dtype=state_dtype, max_shard_size=max_shard_size,
@@ -553,8 +551,6 @@ class Bundle:
         ``base_model``: for adapter bundles, the base model (a module, or a folder/alias to load it from;
         default: the base recorded in the bundle). Its identity is checked against the one recorded.
         """
-        from .hub import is_hub_reference, load_bundle_from_hub
-
         if is_hub_reference(path):
             return load_bundle_from_hub(
                 cls, path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
@@ -617,8 +613,6 @@ def check_state_fits(
     path: Path, state: NamedState, model: nn.Module, rules: dict[str, LearnedRule], routing: list[tuple[str, str]]
 ) -> None:
     """Every saved accumulator names a parameter of ``model`` and has the layout its rule needs for it."""
-    from ..step.optimizer import _check_state_layout
-
     params = dict(model.named_parameters())
     for name, entry in state.items():
         if name not in params:
@@ -654,8 +648,6 @@ def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | N
 
 def _check_format_version(info: dict[str, Any], newest: int, path: Path, *, required: bool = True) -> None:
     """``format_version`` of a bundle JSON file: a positive integer (not a bool) no newer than ``newest``."""
-    from ..files import FormatVersionError
-
     version = info.get("format_version")
     if version is None and not required:
         return
@@ -721,8 +713,6 @@ def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_
 
     identity = manifest.get("base_model") or {}
     if base_model is None or isinstance(base_model, (str, Path)):
-        from .assets import resolve_model
-
         source = resolve_model(str(base_model)) if base_model is not None else identity.get("name_or_path")
         if not source or not isinstance(source, str):
             raise ModelLoadError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
@@ -880,8 +870,6 @@ def _weight_headers(directory: Path) -> dict[str, tuple[dict[str, Any], Path]]:
         weight_map, names = None, [TORCH_WEIGHTS_NAME]
     stored: dict[str, tuple[dict[str, Any], Path]] = {}
     for name in names:
-        from ..files import check_relative_path
-
         check_relative_path(name, source=str(index_path))
         path = directory / name
         for key, entry in read_safetensors_header(path).items():

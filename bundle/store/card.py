@@ -6,7 +6,7 @@ what the rule is, how it was made, results tables and plots when the provenance 
 usage snippet.
 
 A generated card ends with a seal, an HTML comment holding the sha256 of the text above it. A card whose
-seal is missing or no longer matches was edited by someone, and `optbundle.hub` does not overwrite it on
+seal is missing or no longer matches was edited by someone, and `optbundle.store.hub` does not overwrite it on
 re-push unless asked. The card is documentation only: the manifest does not cover it (so editing it on the
 Hub never breaks loading), and nothing reads it to load a bundle.
 """
@@ -19,9 +19,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..step.rule import RuleNetwork
+from .pretrained import shipped_rule_names, shipped_rule_path
+
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
-    from ..step.rule import LearnedRule
+    from .rule import LearnedRule
 
 #: Stands for the repo id in the usage snippet of a card written to disk; `card_for_repo` fills it in on push.
 REPO_PLACEHOLDER = "path/or/repo"
@@ -272,13 +275,11 @@ def eval_results_of(metrics: dict[str, Any], *, task: str | None, dataset: str |
 
 def shipped_name_of(rule: LearnedRule) -> str | None:
     """The name of the shipped rule (``default-v3``, ...) whose content hash equals ``rule``'s, if any."""
-    from .pretrained import load_shipped_rule, shipped_rule_names
-
     digest = rule.content_hash()
     matches = []
     for name in shipped_rule_names():
         try:
-            if load_shipped_rule(name).content_hash() == digest:
+            if RuleNetwork.from_directory(shipped_rule_path(name)).content_hash() == digest:
                 matches.append(name)
         except Exception:  # a broken shipped rule must not break writing a card
             continue

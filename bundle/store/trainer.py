@@ -19,7 +19,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..step.rule import LearnedRule
+from ..files import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
+from ..step.optimizer import LearnedOptimizer
+from .card import model_card
+from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +136,6 @@ def build_schedule(
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers with ``.optimizer``)."""
-    from ..step.optimizer import LearnedOptimizer
-
     inner, depth = optimizer, 0
     while not isinstance(inner, LearnedOptimizer) and hasattr(inner, "optimizer") and depth < 8:
         inner, depth = inner.optimizer, depth + 1
@@ -151,7 +152,6 @@ def save_bundle_into(bundle: Any, directory: str | Path, **save_kwargs: Any) -> 
     """
     import shutil
 
-    from ..files import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
 
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
@@ -251,8 +251,6 @@ class BundleCallback(TrainerCallback):
 
     # ---- what the optimizer did, in Trainer's logs ---------------------------------------------------------
     def _learned_optimizer(self) -> Any:
-        from ..step.optimizer import LearnedOptimizer
-
         inner = unwrap_optimizer(self.trainer.optimizer) if self.trainer is not None else None
         return inner if isinstance(inner, LearnedOptimizer) else None
 
@@ -336,9 +334,6 @@ class BundleCallback(TrainerCallback):
 
     def write_card(self, directory: str | Path, **trainer_card_kwargs: Any) -> Path:
         """Write optbundle's card (with Trainer's metrics) as ``directory/README.md``."""
-        from .card import model_card
-        from ..files import CARD_NAME
-
         path = Path(directory) / CARD_NAME
         path.write_text(model_card(self.bundle, **self.card_info(**trainer_card_kwargs)), encoding="utf-8")
         return path
