@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from optbundle import Bundle, LearnedRule, load_rule
-from optbundle.step import reference as F
+from optbundle.step import reference
 from optbundle.store.bundle import model_roles
 from optbundle.meta import data as D
 from optbundle.meta import tasks as T
@@ -327,7 +327,7 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
     else:
         rule: LearnedRule = value
         weights = [(w.detach(), b.detach()) for w, b in rule.weights]
-        state = {k: F.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
+        state = {k: reference.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
         for step in range(steps):
             if step % eval_every == 0:
                 evaluate(params)

@@ -36,9 +36,9 @@ def setup(instances: int):
     params = {k: torch.cat([v, v]) for k, v in task.init_params(gen, instances).items()}
     epsilon = 0.01 * torch.randn(instances, theta.numel(), generator=gen)
     weights = U.unflatten_weights(rule.config, theta + torch.cat([epsilon, -epsilon]))
-    from optbundle.step import reference as F
+    from optbundle.step import reference
 
-    state = {k: F.init_state(rule.config, v.shape[1:], batch_shape=(copies,)) for k, v in params.items()}
+    state = {k: reference.init_state(rule.config, v.shape[1:], batch_shape=(copies,)) for k, v in params.items()}
     return rule.config, task, gen, params, weights, state
 
 

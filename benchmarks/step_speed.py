@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from optbundle import LearnedOptimizer, load_rule
-from optbundle.step import reference as F
+from optbundle.step import vocabulary
 from optbundle.step import optimizer as O
 
 CPU_SIZES = [1_000_000, 10_000_000, 50_000_000]
@@ -124,7 +124,7 @@ def must_move_bytes_learned(config, shapes, param_bytes: int) -> int:
     for shape in shapes:
         n = math.prod(shape)
         total += n * (2 * param_bytes + param_bytes + 4 * 2 * (k + 1))  # p r/w, g r, momenta and v r/w
-        if F.is_factored(shape):
+        if vocabulary.is_factored(shape):
             lead = n // (shape[-1] * shape[-2])
             total += 4 * 2 * j * lead * (shape[-1] + shape[-2])
         else:

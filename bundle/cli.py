@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .apps.finetune import load_recipe, results_table, run_recipe
+from .apps.finetune import load_recipe, run_recipe
 from .apps.refine import load_refine_recipe, run_refine_recipe
 from .files import (
     MANIFEST_NAME,
@@ -40,7 +40,6 @@ from .files import (
     STATE_JSON_NAME,
     STATE_TENSORS_NAME,
     BundleError,
-    CorruptFileError,
     read_json_file,
     read_manifest,
     read_safetensors_header,

@@ -69,7 +69,7 @@ def main(rules: list[str], dtypes=(torch.float32, torch.bfloat16)) -> int:
                 state = F.init_state(config, s)
                 state["skipped_steps"] = torch.zeros((), dtype=torch.int64)
                 states.append(state)
-            K.fused_learned_step_(config, weights, params, [p.clone() for p in params], states, 1.0, 0.1)
+            K.learned_step_(config, weights, params, [p.clone() for p in params], states, 1.0, 0.1)
     target = GPUTarget("cuda", 90, 32)
     failures = 0
     for (name, _), (kernel, signature, constexprs) in seen.items():

@@ -149,14 +149,14 @@ def test_non_finite_gradient_or_update_changes_nothing(chunk_elements):
 
 
 def test_a_wrong_constant_breaks_parity(default_rule, monkeypatch):
-    original = fast_step._constants
+    original = fast_step.decay_tensors
 
     def wrong(config, device):
         consts = dict(original(config, device))
         consts["beta_m"] = consts["beta_m"] * (1 + 1e-4)
         return consts
 
-    monkeypatch.setattr(fast_step, "_constants", wrong)
+    monkeypatch.setattr(fast_step, "decay_tensors", wrong)
     with pytest.raises(AssertionError):
         _parity.run_parity(per_tensor(64), default_rule.config, default_rule, [(33, 65)], torch.float32, steps=4, lr=1.0)
 

@@ -80,7 +80,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def fused(config, weights, params, grads, states, lr, weight_decay):
-    K.fused_learned_step_(config, weights, params, grads, states, lr, weight_decay)
+    K.learned_step_(config, weights, params, grads, states, lr, weight_decay)
 
 
 def run_parity(config, rule, shapes, dtype, steps, lr, weight_decay=0.1, seed=0):
@@ -290,7 +290,7 @@ def test_unsupported_rule_falls_back_with_a_logged_reason(monkeypatch, caplog):
     assert "gelu" in K.unsupported_reason(config)
     rule = LearnedRule(config)
     launched = []
-    monkeypatch.setattr(K, "fused_learned_step_", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(K, "learned_step_", lambda *a, **k: launched.append(a))
     p = torch.nn.Parameter(torch.randn(4, 4))
     q = p.detach().clone()
     opt = LearnedOptimizer([p], rule)

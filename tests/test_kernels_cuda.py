@@ -28,7 +28,7 @@ LARGE = [(1024, 4096), (3, 128, 512), (1 << 20,), (64, 64, 3, 3), (50_000, 17)]
 
 
 def fused(config, weights, params, grads, states, lr, weight_decay):
-    K.fused_learned_step_(config, weights, params, grads, states, lr, weight_decay)
+    K.learned_step_(config, weights, params, grads, states, lr, weight_decay)
 
 
 def on_cuda(step_fn):

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..step import reference as F
+from ..step import reference
 from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
 from ..store.bundle import Bundle
@@ -303,7 +303,7 @@ class TransformersTask(T.ModuleTask):
             shipped = self.initial_state.get(name)
             if not shipped:
                 continue
-            expected = F.init_state(config, value.shape)
+            expected = reference.init_state(config, value.shape)
             if all(k in shipped and tuple(shipped[k].shape) == tuple(v.shape) for k, v in expected.items()):
                 out[name] = {k: shipped[k].to(v.dtype) for k, v in expected.items()}
         return out

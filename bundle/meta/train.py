@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-from pathlib import Path
 
 from ..store.pretrained import PRETRAINED_DIR
 from .trainer import MetaTrainer, load_recipe

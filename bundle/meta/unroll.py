@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..step import reference as F
+from ..step import reference
 from ..step.roles import assign_roles, regime_lr_factor
 from ..step.rule import RuleConfig
 from ..store.rule import LearnedRule
@@ -167,7 +167,7 @@ def inner_step(
     with context:
         for name, leaf, grad in zip(names, leaves, grads):
             param = leaf if differentiable else leaf.detach()
-            new_params[name], new_accumulators[name] = F.learned_update(
+            new_params[name], new_accumulators[name] = reference.learned_update(
                 config, weights, param, grad.detach(), accumulators[name], batch_dims=1, role=roles[name],
                 lr=lr * regime_lr_factor(config, roles[name], getattr(task, "regime", "scratch")),
             )
@@ -296,7 +296,7 @@ def reset_group(
         k: (
             {key: group.repeat(value.unsqueeze(0).expand(group.instances, *value.shape).clone()) for key, value in shipped[k].items()}
             if k in shipped
-            else F.init_state(config, v.shape[1:], batch_shape=(group.copies,))
+            else reference.init_state(config, v.shape[1:], batch_shape=(group.copies,))
         )
         for k, v in group.params.items()
     }

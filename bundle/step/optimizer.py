@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from . import fast_step
-from . import reference as F
+from . import reference
 from ..files import StateMismatchError
 from .roles import assign_roles, check_roles, regime_lr_factor
 from .rule import REGIMES, RuleNetwork
+from .vocabulary import MAX_GRADIENT_SQUARE_SUM  # every back end skips a tensor whose Σg² exceeds it
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ DEFAULT_RULE_NAME = "default"
 BACKENDS = ("triton", "torch", "reference")
 BACKEND_ENV = "OPTBUNDLE_BACKEND"
 MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
-#: A tensor's step is skipped (and counted in ``skipped_steps``) when Σg² over it exceeds this, the largest
-#: fp32: then g² (or a row sum of it) would overflow the fp32 second moments. Every back end uses this bound.
-MAX_GRADIENT_SQUARE_SUM = float(torch.finfo(torch.float32).max)
 _LOGGED: set[str] = set()
 
 
@@ -212,7 +210,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         state = self.state[param]
         if not state:
-            state.update(F.init_state(rule.config, param.shape, device=param.device))
+            state.update(reference.init_state(rule.config, param.shape, device=param.device))
             state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=param.device)
 
     def _step_params(self, params: list[torch.Tensor], rule: RuleNetwork, device: torch.device, lr, weight_decay) -> None:
@@ -239,7 +237,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         _log_once("tensor of shape %s not supported by the Triton kernels (%s); using the torch path",
                                   tuple(param.shape), why)
                     (rest if why else fused).append(param)
-                kernels.fused_learned_step_(
+                kernels.learned_step_(
                     config, weights, fused, [p.grad for p in fused], [self.state[p] for p in fused], lr, weight_decay
                 )
                 params = rest
@@ -288,7 +286,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
         role = self._roles.get(param)
         lr = lr * regime_lr_factor(config, role, self.regime)
-        new_param, new_state = F.learned_update(
+        new_param, new_state = reference.learned_update(
             config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay,
             role=role,
         )
@@ -415,7 +413,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if name is None or name not in named_state:
                     continue
                 saved = named_state[name]
-                expected = F.init_state(config, param.shape, device="meta")
+                expected = reference.init_state(config, param.shape, device="meta")
                 expected["skipped_steps"] = torch.zeros((), dtype=torch.int64, device="meta")
                 if set(saved) != set(expected):
                     raise StateMismatchError(
@@ -473,7 +471,7 @@ def _check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> 
     """`StateMismatchError` unless ``state`` has exactly the keys `features.init_state` gives ``config`` for a
     parameter of ``shape`` (plus ``skipped_steps``), with the same shapes and kinds (int64 counters, float
     accumulators)."""
-    expected = F.init_state(config, tuple(shape), device="meta")
+    expected = reference.init_state(config, tuple(shape), device="meta")
     expected["skipped_steps"] = torch.zeros((), dtype=torch.int64, device="meta")
     if not isinstance(state, Mapping) or set(state) != set(expected):
         keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__

@@ -30,7 +30,6 @@ from ..files import (
     FormatVersionError,
     RuleConfigError,
     atomic_write_bytes,
-    atomic_write_json,
     load_safetensors_file,
     parse_json_text,
     read_json_file,
@@ -38,36 +37,13 @@ from ..files import (
     save_safetensors_bytes,
     short_repr,
 )
+from .vocabulary import ACTIVATIONS, FEATURE_GROUPS, NUM_OUTPUTS, OUTPUT_FORMS, SMALL_FC_LOPT_FEATURES, feature_width
 
 RULE_FORMAT_VERSION = 2
 RULE_CONFIG_NAME = "rule_config.json"
 RULE_WEIGHTS_NAME = "rule.safetensors"
 PROVENANCE_NAME = "provenance.json"
 
-#: Feature groups a rule may read, in the order small_fc_lopt reads them. The width of each group is given
-#: by `feature_width`. "time" (unnormalized tanh(t/τ − 1) features) must come last.
-FEATURE_GROUPS = (
-    "grad",  # g
-    "param",  # p
-    "momentum",  # m_k, one per momentum decay
-    "second_moment",  # v
-    "momentum_rsqrt_second_moment",  # m_k · rsqrt(v + second_moment_eps)
-    "rsqrt_second_moment",  # rsqrt(v + second_moment_eps)
-    "adafactor_grad",  # g · row_factor_j · col_factor_j, one per factored decay
-    "row_second_moment",  # row EMA_j broadcast over columns
-    "col_second_moment",  # column EMA_j broadcast over rows
-    "rsqrt_row_second_moment",  # rsqrt(row_j + factored_rsqrt_eps)
-    "rsqrt_col_second_moment",  # rsqrt(col_j + factored_rsqrt_eps)
-    "adafactor_momentum",  # m_k · row_factor_k · col_factor_k (needs as many momenta as factored decays)
-    "adam_direction",  # bias-corrected m̂/(√v̂ + adam_eps) with β1 = momentum_decays[adam_momentum_index]
-    "time",  # tanh(t/τ − 1) for τ in time_scales; not normalized
-)
-
-#: The small_fc_lopt feature list (39 inputs with the default decays and time scales).
-SMALL_FC_LOPT_FEATURES = [g for g in FEATURE_GROUPS if g != "adam_direction"]
-
-OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual", "hybrid_residual")
-ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
 SCHEDULES = ("constant", "inverse_sqrt")
 FACTORED_DIMS = ("last_two",)
 #: Parameter roles (see `roles.py`): hidden matrices, 1-D tensors (biases, norms), embeddings, output heads,
@@ -188,25 +164,8 @@ class RuleConfig:
 
     # ---- derived sizes -------------------------------------------------------------------------------
     def feature_width(self, group: str) -> int:
-        """Number of input columns a feature group contributes."""
-        k, j = len(self.momentum_decays), len(self.factored_decays)
-        widths = {
-            "grad": 1,
-            "param": 1,
-            "momentum": k,
-            "second_moment": 1,
-            "momentum_rsqrt_second_moment": k,
-            "rsqrt_second_moment": 1,
-            "adafactor_grad": j,
-            "row_second_moment": j,
-            "col_second_moment": j,
-            "rsqrt_row_second_moment": j,
-            "rsqrt_col_second_moment": j,
-            "adafactor_momentum": k,
-            "adam_direction": 1,
-            "time": len(self.time_scales),
-        }
-        return widths[group]
+        """Number of input columns a feature group contributes (`vocabulary.FEATURES`)."""
+        return feature_width(group, len(self.momentum_decays), len(self.factored_decays), len(self.time_scales))
 
     @property
     def num_inputs(self) -> int:
@@ -218,7 +177,7 @@ class RuleConfig:
 
     @property
     def num_outputs(self) -> int:
-        return 2
+        return NUM_OUTPUTS
 
     def layer_shapes(self) -> list[tuple[int, int]]:
         """(out, in) of each linear layer of φ."""

@@ -30,7 +30,6 @@ manifest before reading anything, and reads only JSON and safetensors.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
