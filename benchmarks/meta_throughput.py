@@ -4,7 +4,7 @@
 
 Work: ``T`` task instances (MLP 64-32-10 on digits 8x8, batch 64) × 2 antithetic copies, each copy with its
 own perturbed φ of the default recipe's rule config, advanced ``--steps`` inner steps (loss, gradient,
-learned step). "vectorized" advances all copies at once (stacked weights, one `features.learned_update`
+learned step). "vectorized" advances all copies at once (stacked weights, one `reference.learned_update`
 call per parameter tensor with ``batch_dims=1``); "loop" runs the identical math one copy at a time (copy
 tensors of leading size 1) in a Python loop. Reports inner copy-steps per second (one copy advanced one
 step) and writes ``benchmarks/results/meta_throughput.md``.

@@ -25,11 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import torch
+import yaml
 
 from . import __version__
 from .apps.finetune import load_recipe, run_recipe
@@ -113,13 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_mistake(err: BaseException) -> bool:
-    try:
-        import yaml
-
-        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
-    except ImportError:  # pragma: no cover - PyYAML is a dependency
-        yaml_errors = ()
-    return isinstance(err, (ValueError, TypeError, KeyError, OSError, *yaml_errors))
+    return isinstance(err, (ValueError, TypeError, KeyError, OSError, yaml.YAMLError))
 
 
 def _one_line(err: BaseException, limit: int = 500) -> str:
@@ -335,7 +335,7 @@ def describe(
 
 def _remote_parameter_count(snapshot: Any, names: list[str], *, token: Any, offline: bool) -> dict[str, Any] | None:
     """Parameter count of weight files at the snapshot's commit: from cached copies, else from the Hub's headers."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants  # loaded on first use (`import optbundle` does not need it)
 
     if not names:
         return None
@@ -447,8 +447,6 @@ ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "huggingface_hub"
 
 
 def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -457,10 +455,6 @@ def _package_version(name: str) -> str | None:
 
 def environment_info() -> dict[str, str]:
     """What ``optbundle env`` prints, as ``{key: value}`` (versions, platform, CUDA, threads), like ``hf env``."""
-    import os
-    import platform
-
-
     info = {
         "optbundle version": __version__,
         "Platform": platform.platform(),
@@ -471,17 +465,12 @@ def environment_info() -> dict[str, str]:
     triton = _package_version("triton")
     if triton is not None:
         info["triton version"] = triton
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-        info["CUDA available"] = (
-            f"yes ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
-            if cuda else "no"
-        )
-        info["torch threads"] = str(torch.get_num_threads())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        info["CUDA available"] = "unknown (torch not installed)"
+    cuda = torch.cuda.is_available()
+    info["CUDA available"] = (
+        f"yes ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
+        if cuda else "no"
+    )
+    info["torch threads"] = str(torch.get_num_threads())
     info["CPU count"] = str(os.cpu_count())
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "not set")
     return info
@@ -509,8 +498,6 @@ def env(args: argparse.Namespace) -> int:
 
 def _recipe_overrides(items: list[str], command: str) -> dict:
     """``--set KEY=VALUE`` options as a dict of YAML values."""
-    import yaml
-
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")

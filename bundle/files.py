@@ -9,6 +9,7 @@ bundle behind.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import safetensors.torch
 import torch
 
 logger = logging.getLogger(__name__)
@@ -259,9 +261,7 @@ def parse_json_text(text: str, *, source: str) -> Any:
 
 def save_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """safetensors bytes that depend only on ``tensors`` and ``metadata`` (the same input gives the same bytes)."""
-    from safetensors.torch import save
-
-    return _canonical_safetensors_header(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return _canonical_safetensors_header(safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _canonical_safetensors_header(data: bytes) -> bytes:
@@ -355,8 +355,6 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file into CPU tensors after `read_safetensors_header` checked its header; any parse
     failure is a `CorruptFileError` naming the file."""
-    from safetensors.torch import load
-
     path = Path(path)
     read_safetensors_header(path)
     try:
@@ -364,7 +362,7 @@ def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     except OSError as err:
         raise MissingFileError(f"{path}: cannot be read ({short_repr(err, 200)})") from err
     try:
-        return load(data)
+        return safetensors.torch.load(data)
     except Exception as err:  # safetensors raises SafetensorError / ValueError / OSError variants
         raise CorruptFileError(f"{path}: not a valid safetensors file ({short_repr(str(err), 200)})") from err
 
@@ -446,8 +444,6 @@ TRAINER_FILES = (
 
 
 def is_trainer_file(name: str) -> bool:
-    import fnmatch
-
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRAINER_FILES)
 
 

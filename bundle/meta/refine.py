@@ -342,7 +342,7 @@ def finetune_curve(
     The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
     receives the named trainable parameters. ``progress``: a tqdm bar over the steps, labelled ``desc``.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # loaded on first use
 
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -501,10 +501,10 @@ def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, s
 
 def plot_refinement(trainer: Any, comparison: dict[str, Any], path: Path) -> None:
     """Two panels: the meta-loss per meta-step, and held-out loss while fine-tuning with parent vs refined."""
-    import matplotlib
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for the plot
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     history = trainer.history

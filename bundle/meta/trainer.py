@@ -267,7 +267,7 @@ class MetaTrainer:
     def train(self) -> LearnedRule | None:
         """Run to ``config.meta_steps`` (checkpointing on the way); returns the trained rule, or ``None``
         when ``max_wall_time_s`` stopped the run early (resume by running again with the same config)."""
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # loaded on first use
 
         c = self.config
         session_start = time.perf_counter()
@@ -350,10 +350,10 @@ class MetaTrainer:
 
     def plot(self, path: Path) -> None:
         """PNG of the per-step meta-loss and its running mean."""
-        import matplotlib
+        import matplotlib  # heavy: only for the plot
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: only for the plot
 
         steps = [r["meta_step"] for r in self.history]
         losses = [r["meta_loss"] for r in self.history]

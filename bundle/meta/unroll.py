@@ -1,7 +1,7 @@
-"""Vectorized truncated unrolls: many task copies advance together through `features.learned_update`.
+"""Vectorized truncated unrolls: many task copies advance together through `reference.learned_update`.
 
 φ is handled as one flat vector ``θ`` (`flatten_rule` / `unflatten_weights`); a batch of perturbed copies
-``θ + ε_c`` unflattens to weights with a leading copy dim, which `features.learned_update` accepts with
+``θ + ε_c`` unflattens to weights with a leading copy dim, which `reference.learned_update` accepts with
 ``batch_dims=1`` (one perturbed φ per copy). Parameters of every copy are stacked ``(C, *S)``, the loss is one
 batched forward (`tasks.py`), and each parameter tensor is updated for all copies by one call of the step
 math, so the Python work per inner step does not grow with the number of copies.

@@ -1,6 +1,6 @@
 """`LearnedOptimizer`: a real `torch.optim.Optimizer` that applies a `LearnedRule` to parameters.
 
-One state layout for every back end: per parameter, fp32 accumulators as described in `features.py`, an
+One state layout for every back end: per parameter, fp32 accumulators as described in `reference.py`, an
 int64 ``step`` and an int64 ``skipped_steps`` counter. State is created lazily at the first step, so
 FSDP-style parameter swapping after construction is fine.
 
@@ -10,7 +10,7 @@ Back ends, chosen per parameter group and device at every step (`select_backend`
   the group; the default for CUDA tensors when Triton is importable. On CPU tensors only in Triton's
   interpreter mode (``TRITON_INTERPRET=1`` set before the kernels are imported), which is for tests.
 - ``torch``: `fast_step.learned_step_`, the chunked in-place torch path; the default everywhere else.
-- ``reference``: `features.learned_update` per tensor, the plain math (slow; for debugging and checks).
+- ``reference``: `reference.learned_update` per tensor, the plain math (slow; for debugging and checks).
 
 ``OPTBUNDLE_BACKEND=torch|triton|reference`` overrides the choice. A rule or tensor a back end cannot
 handle falls back (triton → torch → reference) with the reason logged once. All three read and write the
@@ -19,6 +19,7 @@ same state, so a checkpoint written by one resumes on another.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -274,7 +275,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
 
     def _step_param(self, param: torch.Tensor, rule: RuleNetwork, weights, lr: float, weight_decay: float) -> None:
-        """The reference back end: `features.learned_update` on fp32 copies, written back when finite."""
+        """The reference back end: `reference.learned_update` on fp32 copies, written back when finite."""
         config = rule.config
         self._init_state(param, rule)
         state = self.state[param]
@@ -462,13 +463,11 @@ def _check_lr_range(rule: RuleNetwork, lr: float, regime: str) -> None:
 
 
 def _config_digest(rule: RuleNetwork) -> str:
-    import hashlib
-
     return hashlib.sha256(rule.config.to_json().encode()).hexdigest()
 
 
 def _check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
-    """`StateMismatchError` unless ``state`` has exactly the keys `features.init_state` gives ``config`` for a
+    """`StateMismatchError` unless ``state`` has exactly the keys `reference.init_state` gives ``config`` for a
     parameter of ``shape`` (plus ``skipped_steps``), with the same shapes and kinds (int64 counters, float
     accumulators)."""
     expected = reference.init_state(config, tuple(shape), device="meta")

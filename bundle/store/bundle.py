@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..files import (
@@ -115,7 +116,7 @@ NamedState = dict[str, dict[str, torch.Tensor]]
 
 def _is_transformers_model(model: nn.Module) -> bool:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # heavy: loaded on first use
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
@@ -123,14 +124,14 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def _decay_parameter_names(model: nn.Module) -> set[str]:
     """Parameters Trainer applies weight decay to (all but biases, LayerNorm and norm weights)."""
-    from transformers import Trainer
+    from transformers import Trainer  # heavy: loaded on first use
 
     return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _is_peft_model(model: nn.Module) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # heavy: loaded on first use
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
@@ -480,8 +481,6 @@ class Bundle:
             extra = {"max_shard_size": max_shard_size} if max_shard_size is not None and kind == "transformers" else {}
             self.model.save_pretrained(directory, safe_serialization=True, **extra)
         else:
-            from safetensors.torch import save_file
-
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
             save_file(_dedupe_shared(tensors), str(directory / TORCH_WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
@@ -592,7 +591,7 @@ class Bundle:
             check_state_fits(directory / OPTIMIZER_DIR / STATE_TENSORS_NAME, state, loaded_model, rules, routing)
         tokenizer = None
         if (directory / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # heavy: loaded on first use
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -708,7 +707,7 @@ def base_model_identity(peft_model: nn.Module) -> dict[str, Any]:
 
 
 def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_class: Any, kwargs: dict) -> nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: loaded on first use
 
     identity = manifest.get("base_model") or {}
     if base_model is None or isinstance(base_model, (str, Path)):
@@ -716,7 +715,7 @@ def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_
         if not source or not isinstance(source, str):
             raise ModelLoadError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
         if model_class is None:
-            import transformers
+            import transformers  # heavy: loaded on first use
 
             class_name = identity.get("class") if isinstance(identity, dict) else None
             model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
@@ -759,7 +758,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 def check_adapter_weights(peft_model: nn.Module, header: dict[str, dict[str, Any]], path: Path) -> None:
     """Strict adapter weights: the file holds exactly the tensors PEFT saves for this adapter (PEFT itself loads
     with ``strict=False`` and leaves a missing tensor at its initialization), with their shapes, floating."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # heavy: loaded on first use
 
     expected = get_peft_model_state_dict(peft_model)
     missing = sorted(set(expected) - set(header))
@@ -884,7 +883,7 @@ def _load_transformers_model(directory: Path, model_class: Any, kwargs: dict) ->
     """A transformers model, loaded strictly: config.json within `CONFIG_LIMITS`, the model built on the meta
     device and its tensors compared with the weight files' headers (`check_weights_match`) before any real
     allocation, then transformers' own ``from_pretrained``."""
-    import transformers
+    import transformers  # heavy: loaded on first use
 
     config_path = directory / "config.json"
     raw = read_json_file(config_path)
@@ -954,7 +953,7 @@ def _shard_size_bytes(max_shard_size: int | str | None) -> int | None:
     """``max_shard_size`` as bytes (``"5GB"``, ``"500MB"``, an int), as transformers parses it."""
     if max_shard_size is None:
         return None
-    from transformers.utils.hub import convert_file_size_to_int
+    from transformers.utils.hub import convert_file_size_to_int  # heavy: loaded on first use
 
     size = convert_file_size_to_int(max_shard_size)
     if not isinstance(size, int) or size <= 0:

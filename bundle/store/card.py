@@ -214,7 +214,7 @@ def card_metadata(
 ) -> str:
     """The YAML block of a card, built with `huggingface_hub.ModelCardData` so the Hub accepts it (``eval_results``
     become the ``model-index`` the Hub shows as results)."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData  # loaded on first use (`import optbundle` does not need it)
 
     tags = list(BASE_TAGS)
     if provenance.get("meta_trained") is False:
@@ -259,7 +259,7 @@ def task_of(model: Any) -> str | None:
 
 def eval_results_of(metrics: dict[str, Any], *, task: str | None, dataset: str | None) -> list[Any]:
     """``huggingface_hub.EvalResult`` entries (model-index) for numeric ``metrics`` (e.g. Trainer's eval loss)."""
-    from huggingface_hub import EvalResult
+    from huggingface_hub import EvalResult  # loaded on first use (`import optbundle` does not need it)
 
     out = []
     for name, value in metrics.items():

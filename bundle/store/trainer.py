@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def find_trainer(max_depth: int = 8) -> Any:
     Trainer calls an ``optimizer_cls_and_kwargs`` factory as ``factory()(model, **kwargs)`` without its
     arguments; looking one or two frames up is the only way to read its ``learning_rate`` there.
     """
-    from transformers import Trainer
+    from transformers import Trainer  # heavy: loaded on first use
 
     frame = inspect.currentframe()
     try:
@@ -117,7 +118,7 @@ def build_schedule(
     scheduler_kwargs: dict[str, Any] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``transformers.get_scheduler`` with Trainer's names (``linear``, ``cosine``, ``constant_with_warmup``, ...)."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # heavy: loaded on first use
 
     needs_total = lr_scheduler_type not in ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
     if needs_total and num_training_steps is None:
@@ -150,9 +151,6 @@ def save_bundle_into(bundle: Any, directory: str | Path, **save_kwargs: Any) -> 
     the model files are overwritten with the bundle's (same weights), other files (Trainer's ``optimizer.pt``,
     ``trainer_state.json``, ...) are left alone; they are not in the manifest and nothing loads them.
     """
-    import shutil
-
-
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.bundle-{os.getpid()}"
@@ -194,7 +192,6 @@ class BundleCallback(TrainerCallback):
     instance only.
     ``card``: extra card fields (``license``, ``datasets``, ``base_model``, ``language``, ``tags``).
     """
-
     def __init__(
         self,
         bundle: Any,
@@ -310,7 +307,7 @@ class BundleCallback(TrainerCallback):
         trainer = self.trainer
         if trainer is None:
             return info
-        from transformers.modelcard import TrainingSummary
+        from transformers.modelcard import TrainingSummary  # heavy: loaded on first use
 
         try:
             summary = TrainingSummary.from_trainer(trainer, **trainer_card_kwargs)
