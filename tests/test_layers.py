@@ -155,6 +155,12 @@ def test_imports_inside_functions_are_only_the_listed_ones():
     assert len(meta) == 1, f"the store layer reaches the meta layer once (Bundle.refine), found {meta}"
 
 
+def test_kernels_read_only_the_step_layer():
+    edges, _ = import_graph()
+    reads = {target for module, targets in edges.items() if module.startswith("optbundle.kernels") for target in targets}
+    assert reads and all(target.startswith(("optbundle.step.", "optbundle.kernels")) for target in reads), sorted(reads)
+
+
 @pytest.mark.parametrize("folder", ["step", "store", "meta", "apps"])
 def test_layer_folders_are_regular_packages_listed_in_pyproject(folder):
     assert (SOURCES["optbundle"] / folder / "__init__.py").is_file()
