@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--init", default=None, help="override the recipe's starting φ (adam-init / scratch / dir)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--ship", default=None, help="copy the finished rule to optbundle/pretrained/NAME")
+    parser.add_argument("--ship", default=None, help="copy the finished rule to optbundle/store/pretrained/NAME")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_recipe(
