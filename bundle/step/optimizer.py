@@ -205,7 +205,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         key = (id(state), *(id(v) for v in state.values()))
         if self._checked_states.get(param) == key:
             return
-        _check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
+        check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
         self._checked_states[param] = key
 
     def _init_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
@@ -360,7 +360,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for position, (pid, param) in enumerate(zip(saved["params"], group["params"])):
                 if pid in saved_state:
                     label = f"parameter {names[position]!r}" if names else f"parameter {position} of group {index}"
-                    _check_state_layout(config, param.shape, saved_state[pid], label)
+                    check_state_layout(config, param.shape, saved_state[pid], label)
         super().load_state_dict(state_dict)
         for group, group_roles in zip(self.param_groups, roles):
             if "roles" not in group and group_roles is not None:  # a state dict from before roles existed
@@ -466,7 +466,7 @@ def _config_digest(rule: RuleNetwork) -> str:
     return hashlib.sha256(rule.config.to_json().encode()).hexdigest()
 
 
-def _check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
+def check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
     """`StateMismatchError` unless ``state`` has exactly the keys `reference.init_state` gives ``config`` for a
     parameter of ``shape`` (plus ``skipped_steps``), with the same shapes and kinds (int64 counters, float
     accumulators)."""

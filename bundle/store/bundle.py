@@ -63,7 +63,7 @@ from ..files import (
     verify_manifest,
     write_card_and_manifest,
 )
-from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, _check_state_layout, constant_schedule
+from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, check_state_layout, constant_schedule
 from ..step.roles import assign_roles
 from ..step.rule import REGIMES, ROLES
 from .assets import resolve_model
@@ -617,7 +617,7 @@ def check_state_fits(
             raise StateMismatchError(f"{path}: holds state for {short_repr(name)}, which the model does not have")
         rule_name = next((r for pattern, r in routing if fnmatch.fnmatchcase(name, pattern)), DEFAULT_RULE_NAME)
         try:
-            _check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
+            check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
         except StateMismatchError as err:
             raise StateMismatchError(f"{path}: {err}") from err
 
