@@ -172,7 +172,7 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("push", help="publish a bundle (or a rule) folder to the Hub as one commit", arguments=_push_arguments)
 def push(args: argparse.Namespace) -> int:
-    from .hub import push_directory, push_rule
+    from .hub import push_directory, push_pretrained
     from .rule import RULE_CONFIG_NAME, LearnedRule
 
     directory: Path = args.directory
@@ -190,7 +190,7 @@ def push(args: argparse.Namespace) -> int:
         commit = push_directory(directory, args.repo_id, **options)
     elif (directory / RULE_CONFIG_NAME).is_file():
         # a bare rule folder (no manifest yet): publish it as a rule-only repo, with a manifest and a card
-        commit = push_rule(LearnedRule.from_directory(directory), args.repo_id, **options)
+        commit = push_pretrained(LearnedRule.from_directory(directory), args.repo_id, **options)
     else:
         raise BundleError(f"{directory}: has neither {MANIFEST_NAME} (a bundle) nor {RULE_CONFIG_NAME} (a rule)")
     print(f"pushed {directory} to {args.repo_id}@{commit.oid}")

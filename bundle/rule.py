@@ -483,16 +483,30 @@ class LearnedRule(nn.Module):
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
         ``token`` (see `optbundle.hub.load_rule_from_hub`).
         """
-        from .format import recover_directory
+        from .hub import load_pretrained, rule_files
 
-        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
+        return load_pretrained(cls, directory, hub_kwargs, select=rule_files)
+
+    @classmethod
+    def _from_local(cls, path: Path) -> LearnedRule:
+        """Hook of `optbundle.hub.load_pretrained` (``path`` recovered from an interrupted save)."""
         if not path.exists():
-            from .hub import is_hub_reference, load_rule_from_hub
-
-            if is_hub_reference(directory):
-                return load_rule_from_hub(cls, str(directory), **hub_kwargs)
             raise MissingFileError(f"{path}: no such rule directory")
         return load_rule_directory(cls, path)
+
+    @classmethod
+    def _from_snapshot(cls, snapshot: Any) -> LearnedRule:
+        """Hook of `optbundle.hub.load_pretrained`: the rule files of a Hub snapshot, verified against its manifest."""
+        from .format import verify_manifest
+        from .hub import RULE_REPO_KIND, rule_files
+
+        names = rule_files(snapshot.manifest)
+        prefix = "" if snapshot.manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
+        for required in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME):
+            if prefix + required not in names:
+                raise MissingFileError(f"{MANIFEST_NAME} lists no {prefix}{required}; the repo holds no rule")
+        verify_manifest(snapshot.directory, snapshot.manifest, only=names)
+        return cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
 
     def push_to_hub(
         self,
@@ -506,12 +520,18 @@ class LearnedRule(nn.Module):
     ) -> Any:
         """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
         ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
-        from .hub import push_rule
+        from .hub import push_pretrained
 
-        return push_rule(
+        return push_pretrained(
             self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
             overwrite_card=overwrite_card,
         )
+
+    def _save_repo(self, directory: Path) -> Path:
+        """Hook of `optbundle.hub.push_pretrained`: the rule-only repo folder (see `optbundle.hub.save_rule_repo`)."""
+        from .hub import save_rule_repo
+
+        return save_rule_repo(self, directory)
 
     @classmethod
     def from_directory(cls, path: Path) -> LearnedRule:

@@ -198,7 +198,7 @@ def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
     first = hub.head("alice/race")
     import huggingface_hub
 
-    real_download = huggingface_hub.hf_hub_download
+    real_download = huggingface_hub.snapshot_download
     pushed = []
 
     def download_then_push(*args, **kwargs):
@@ -206,7 +206,7 @@ def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
             pushed.append(trained_bundle(seed=1).push_to_hub("alice/race").oid)
         return real_download(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download_then_push)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download_then_push)
     loaded = Bundle.from_pretrained("alice/race")
     assert hub.head("alice/race") == pushed[0] != first
     v1_model = trained_bundle(seed=0).model
