@@ -107,11 +107,10 @@ class RefineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> RefineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown refinement option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
+        from optbundle.recipes import parse_config
+
+        (config,) = parse_config((cls,), kwargs, source="Bundle.refine", kind="refinement option", error=TypeError)
+        return config
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -560,8 +559,9 @@ class RefineRecipe:
 
 def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RefineRecipe:
     """Parse a refinement recipe: the `finetune` model/data keys, `RefineSource` and `RefineConfig` keys."""
-    from .finetune import DataArguments, ModelArguments, parse_recipe
-    from .recipes import recipe_path
+    from optbundle.recipes import parse_recipe, recipe_path
+
+    from .finetune import DataArguments, ModelArguments
 
     stem = recipe_path(str(path)).stem
     _, (model, data_args, source, config) = parse_recipe(

@@ -368,6 +368,8 @@ class RuleConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "rule config") -> RuleConfig:
         """Build a config from JSON data; unknown or missing fields are errors that name the field."""
+        from optbundle.recipes import check_known_keys
+
         if not isinstance(data, dict):
             raise RuleConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
@@ -380,9 +382,7 @@ class RuleConfig:
         if version == 1:  # format 1 predates these fields; its rules behave as they always did
             data = {**{k: v for k, v in V1_DEFAULTS.items() if k not in data}, **data}
         data = {**{k: v for k, v in LATE_DEFAULTS.items() if k not in data}, **data}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RuleConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        check_known_keys((cls,), data, source=source, kind="field", error=RuleConfigError)
         missing = sorted(known - set(data))
         if missing:
             raise RuleConfigError(

@@ -92,25 +92,21 @@ class MetaTrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MetaTrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown meta-training config key(s): {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], *, source: str = "meta-training config") -> MetaTrainConfig:
+        from optbundle.recipes import parse_config
+
+        (config,) = parse_config((cls,), data, source=source)
+        return config
 
 
 def load_recipe(name_or_path: str | Path, **overrides: Any) -> MetaTrainConfig:
     """A `MetaTrainConfig` from a shipped recipe name (``recipes/NAME.yaml``) or a YAML path, plus overrides."""
-    import yaml
+    from optbundle.recipes import parse_recipe, recipe_path
 
-    from optbundle.recipes import recipe_path
-
-    path = recipe_path(str(name_or_path))
-    data = yaml.safe_load(path.read_text()) or {}
-    data.setdefault("name", path.stem)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return MetaTrainConfig.from_dict(data)
+    stem = recipe_path(str(name_or_path)).stem
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _, (config,) = parse_recipe(name_or_path, (MetaTrainConfig,), overrides, defaults={"name": stem})
+    return config
 
 
 def code_version() -> str:
