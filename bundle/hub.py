@@ -48,7 +48,6 @@ from .format import (
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
-    from .bundle import Bundle
     from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
@@ -212,10 +211,13 @@ def download_repo(
     for name in manifest["files"]:  # every path, before any path from the Hub touches the disk
         check_relative_path(name, source=f"{where}/{MANIFEST_NAME}")
     names = select(manifest) if select is not None else list(manifest["files"])
-    fetch(names + ([CARD_NAME] if include_card else []))
+    fetch(names)
     for name in names:
         if not (directory / name).is_file():
             raise MissingFileError(f"{where}: the repo has no file {name} (listed in {MANIFEST_NAME})")
+    if include_card:  # optional: a repo may have none, an offline cache may lack it
+        with contextlib.suppress(MissingFileError):
+            fetch([CARD_NAME])
     return HubSnapshot(repo_id=repo_id, commit=commit, directory=directory, manifest=manifest)
 
 

@@ -283,23 +283,19 @@ class OnlineRefinementCallback(TrainerCallback):
             batches = self._next_batches(args, train_dataloader, device)
             snapshot = _Snapshot(optimizer, params)
             generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + state.global_step)
-            gradient = torch.zeros_like(theta)
             plus_losses, minus_losses = [], []
             initial = None
             try:
                 model.train()
                 epsilons = perturbations(self.pairs, theta, self.sigma, mask, generator)
                 for epsilon in epsilons:
-                    runs = []
-                    for sign in (1.0, -1.0):
+                    for sign, meta_losses in ((1.0, plus_losses), (-1.0, minus_losses)):
                         load_flat_into_rule(rule, theta + sign * epsilon)
                         losses = self._run(model, optimizer, params, batches, max_grad_norm)
                         snapshot.restore()
                         if initial is None:
                             initial = losses[0]
-                        runs.append(normalized_meta_loss(losses, initial, self.meta_loss).mean())
-                    plus_losses.append(runs[0])
-                    minus_losses.append(runs[1])
+                        meta_losses.append(normalized_meta_loss(losses, initial, self.meta_loss).mean())
                 plus, minus = torch.stack(plus_losses), torch.stack(minus_losses)
                 gradient = antithetic_gradient(epsilons, plus.to(theta.device), minus.to(theta.device), self.sigma)
                 gradient = sanitize_meta_gradient(gradient, self.gradient_clip)

@@ -481,7 +481,7 @@ class LearnedRule(nn.Module):
         A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded. A Hub id
         ``"namespace/name"`` (a rule-only repo, or a bundle repo whose rule is wanted) is fetched at one commit and
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
-        ``token`` (see `optbundle.hub.load_rule_from_hub`).
+        ``token`` (see `optbundle.hub.load_pretrained`).
         """
         from .hub import load_pretrained, rule_files
 

@@ -368,7 +368,7 @@ def test_load_rule_keeps_typos_of_shipped_names_local(hub):
 # ---- offline -------------------------------------------------------------------------------------------------------
 
 
-def test_offline_reload_from_the_cache(hub, monkeypatch):
+def test_offline_reload_from_the_cache(hub, monkeypatch, tmp_path):
     v1 = trained_bundle(seed=0)
     first = v1.push_to_hub("alice/offline")
     rule_commit = perturbed_rule().push_to_hub("alice/offline-rule")
@@ -385,6 +385,8 @@ def test_offline_reload_from_the_cache(hub, monkeypatch):
     assert load_rule("alice/offline-rule").content_hash() == perturbed_rule().content_hash()
     pinned = Bundle.from_pretrained("alice/offline", revision=first.oid)
     assert all(torch.equal(p, q) for p, q in zip(v1.model.parameters(), pinned.model.parameters()))
+    pull_repo("alice/offline", tmp_path / "pulled")  # README.md was never fetched: the copy goes without it
+    assert (tmp_path / "pulled" / MANIFEST_NAME).is_file() and not (tmp_path / "pulled" / "README.md").exists()
     assert hub.requests == [], "offline mode made requests"
 
     with pytest.raises(MissingFileError, match="cache"):
