@@ -52,7 +52,7 @@ from .files import (
     verify_manifest,
 )
 from .step.rule import RULE_CONFIG_NAME
-from .store.hub import download_repo, is_hub_reference, pull_repo, push_directory, push_rule, rule_files
+from .store.hub import download_repo, is_hub_reference, pull_repo, push_directory, push_pretrained, rule_files
 from .store.pretrained import shipped_rule_names, shipped_rule_path
 from .store.rule import LearnedRule
 
@@ -192,7 +192,7 @@ def push(args: argparse.Namespace) -> int:
         commit = push_directory(directory, args.repo_id, **options)
     elif (directory / RULE_CONFIG_NAME).is_file():
         # a bare rule folder (no manifest yet): publish it as a rule-only repo, with a manifest and a card
-        commit = push_rule(LearnedRule.from_directory(directory), args.repo_id, **options)
+        commit = push_pretrained(LearnedRule.from_directory(directory), args.repo_id, **options)
     else:
         raise BundleError(f"{directory}: has neither {MANIFEST_NAME} (a bundle) nor {RULE_CONFIG_NAME} (a rule)")
     print(f"pushed {directory} to {args.repo_id}@{commit.oid}")

@@ -198,7 +198,7 @@ def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
     first = hub.head("alice/race")
     import huggingface_hub
 
-    real_download = huggingface_hub.hf_hub_download
+    real_download = huggingface_hub.snapshot_download
     pushed = []
 
     def download_then_push(*args, **kwargs):
@@ -206,7 +206,7 @@ def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
             pushed.append(trained_bundle(seed=1).push_to_hub("alice/race").oid)
         return real_download(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download_then_push)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download_then_push)
     loaded = Bundle.from_pretrained("alice/race")
     assert hub.head("alice/race") == pushed[0] != first
     v1_model = trained_bundle(seed=0).model
@@ -368,7 +368,7 @@ def test_load_rule_keeps_typos_of_shipped_names_local(hub):
 # ---- offline -------------------------------------------------------------------------------------------------------
 
 
-def test_offline_reload_from_the_cache(hub, monkeypatch):
+def test_offline_reload_from_the_cache(hub, monkeypatch, tmp_path):
     v1 = trained_bundle(seed=0)
     first = v1.push_to_hub("alice/offline")
     rule_commit = perturbed_rule().push_to_hub("alice/offline-rule")
@@ -385,6 +385,8 @@ def test_offline_reload_from_the_cache(hub, monkeypatch):
     assert load_rule("alice/offline-rule").content_hash() == perturbed_rule().content_hash()
     pinned = Bundle.from_pretrained("alice/offline", revision=first.oid)
     assert all(torch.equal(p, q) for p, q in zip(v1.model.parameters(), pinned.model.parameters()))
+    pull_repo("alice/offline", tmp_path / "pulled")  # README.md was never fetched: the copy goes without it
+    assert (tmp_path / "pulled" / MANIFEST_NAME).is_file() and not (tmp_path / "pulled" / "README.md").exists()
     assert hub.requests == [], "offline mode made requests"
 
     with pytest.raises(MissingFileError, match="cache"):
@@ -548,20 +550,18 @@ def test_cli_runs_as_a_program_against_hf_endpoint(hub, tmp_path):
 
 
 def test_loopback_hub_serves_the_listing_and_snapshot_routes(hub, tmp_path):
-    """The fixture answers the other read routes the client uses, so other tests can rely on them."""
+    """The fixture answers the read routes the client uses to list and download a snapshot."""
     from huggingface_hub import snapshot_download
 
     commit = trained_bundle().push_to_hub("alice/listing")
     api = HfApi()
     files = set(hub.files("alice/listing"))
     assert set(api.list_repo_files("alice/listing")) == files
-    tree = list(api.list_repo_tree("alice/listing", recursive=True))
-    assert {entry.path for entry in tree} == files | {"optimizer"}
-    info = api.get_paths_info("alice/listing", ["bundle.json", "optimizer"], revision=commit.oid)
-    assert [type(e).__name__ for e in info] == ["RepoFile", "RepoFolder"]
-    assert info[0].size == len(hub.files("alice/listing")["bundle.json"])
+    assert api.repo_info("alice/listing").sha == commit.oid == api.resolve_revision("alice/listing").resolved
     assert api.file_exists("alice/listing", "optimizer/rule.safetensors")
     assert not api.file_exists("alice/listing", "pytorch_model.bin")
-    assert [b.target_commit for b in api.list_repo_refs("alice/listing").branches] == [commit.oid]
     folder = Path(snapshot_download("alice/listing", revision=commit.oid, cache_dir=tmp_path / "snap"))
     assert {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} == files
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == hub.files(
+        "alice/listing"
+    )

@@ -156,6 +156,7 @@ def test_sanitize_and_masked_adamw():
     assert clean.tolist() == [0.0, 3.0, -3.0, 0.5]
     theta = torch.ones(4)
     mask = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    state = E.AdamWState(torch.zeros(4), torch.zeros(4))
-    new = E.adamw_update(theta, clean, state, 0.1, mask, weight_decay=0.1)
-    assert new[2] == 1.0 and new[0] != 1.0 and new[1] < 1.0
+    optimizer = E.outer_optimizer(theta, 0.1, weight_decay=0.1)
+    E.outer_step(optimizer, clean, mask)
+    assert theta[2] == 1.0 and theta[0] != 1.0 and theta[1] < 1.0  # θ is updated in place, masked entries kept
+    assert isinstance(optimizer, torch.optim.AdamW) and theta.grad is None

@@ -250,3 +250,21 @@ def test_default_is_default_v3_phi_with_the_shipped_settings_of_ship_settings():
     assert rule.config == dataclasses.replace(parent.config, **settings)
     assert rule.provenance["recipe"] == "meta-train-default"
     assert rule.provenance["settings_parent_rule"] == parent.content_hash()
+
+
+def test_checkpoint_holds_the_outer_adamw_state_and_recipes_name_unknown_keys(tmp_path):
+    trainer = MetaTrainer(tiny(tmp_path / "a"))
+    trainer.train()
+    resumed = MetaTrainer(tiny(tmp_path / "a"))  # loads the last checkpoint
+    assert isinstance(resumed.outer, torch.optim.AdamW) and resumed.meta_step == trainer.meta_step
+    saved, loaded = trainer.outer.state_dict()["state"][0], resumed.outer.state_dict()["state"][0]
+    assert saved.keys() == loaded.keys() == {"step", "exp_avg", "exp_avg_sq"}
+    assert int(loaded["step"]) == trainer.meta_step and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert resumed.outer.param_groups[0]["params"][0] is resumed.theta
+
+    from optbundle.meta.trainer import load_recipe
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sigmaa: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown key\(s\) sigmaa"):
+        load_recipe(bad)

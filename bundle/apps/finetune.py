@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..meta.refine import EVAL_SPLITS
-from ..recipes import recipe_path
+from ..recipes import parse_recipe
 from ..store import assets
 from ..store.bundle import Bundle
 from ..store.rule import load_rule
@@ -106,35 +106,6 @@ class Recipe:
     data: DataArguments
     optim: OptimizerArguments
     name: str
-
-
-def parse_recipe(path: str | Path, classes: tuple, overrides: dict[str, Any] | None = None,
-                 defaults: dict[str, Any] | None = None) -> tuple[Path, tuple]:
-    """Read a YAML recipe (a shipped name or a path), apply ``defaults`` then ``overrides``, and parse it with
-    `transformers.HfArgumentParser` into ``classes``; an unknown key is an error naming the file."""
-    import yaml
-    from transformers import HfArgumentParser
-
-    path = recipe_path(str(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a valid YAML recipe ({first[:200]})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a YAML mapping of argument names to values")
-    data = {**(defaults or {}), **data, **(overrides or {})}
-    required = [
-        f.name for cls in classes for f in dataclasses.fields(cls)
-        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ValueError(f"{path}: missing required key(s) {', '.join(missing)}")
-    try:
-        return path, HfArgumentParser(classes).parse_dict(data, allow_extra_keys=False)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {str(err)[:500]}") from err
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..meta.refine import RefineConfig
-from ..recipes import recipe_path
+from ..recipes import parse_recipe, recipe_path
 from ..store.bundle import Bundle
 from ..store.rule import load_rule
-from .finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer, parse_recipe
+from .finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer
 
 
 @dataclass

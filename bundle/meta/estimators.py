@@ -82,6 +82,20 @@ class EstimateInfo:
     episode_done: bool
 
 
+def perturbations(
+    count: int, theta: torch.Tensor, sigma: float, mask: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """``count`` draws ``ε_i ~ N(0, σ² I)`` masked to the trainable part of ``θ``, as rows ``(count, θ.numel())``."""
+    return torch.randn(count, theta.numel(), generator=generator).to(theta.device) * sigma * mask
+
+
+def antithetic_gradient(
+    directions: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """``mean_i d_i (ℓ⁺_i − ℓ⁻_i) / (2σ²)`` for rows ``d_i`` (``ε_i`` for ES, ``ξ_i`` for PES)."""
+    return (directions * (plus - minus).unsqueeze(1)).mean(0) / (2 * sigma**2)
+
+
 def pes_gradient(
     config: RuleConfig,
     theta: torch.Tensor,
@@ -95,13 +109,12 @@ def pes_gradient(
     if group.copies_per_instance != 2:
         raise ValueError("antithetic PES needs copies_per_instance == 2")
     n = group.instances
-    epsilon = torch.randn(n, theta.numel(), generator=group.generator) * sigma * mask
+    epsilon = perturbations(n, theta, sigma, mask, group.generator)
     group.perturbation_sum = group.perturbation_sum + epsilon
     weights = U.unflatten_weights(config, theta + torch.cat([epsilon, -epsilon]))
     steps = min(truncation, group.episode_length - group.episode_step)
     meta_loss = _unroll_truncation(config, group, weights, steps, loss_cfg)
-    difference = meta_loss[:n] - meta_loss[n:]
-    gradient = (group.perturbation_sum * difference.unsqueeze(1)).mean(0) / (2 * sigma**2)
+    gradient = antithetic_gradient(group.perturbation_sum, meta_loss[:n], meta_loss[n:], sigma)
     done = group.episode_step >= group.episode_length or group.has_diverged()
     return gradient, EstimateInfo(float(meta_loss.mean()), steps, group.copies, done)
 
@@ -120,12 +133,11 @@ def es_gradient(
         raise ValueError("antithetic ES needs copies_per_instance == 2")
     reset()
     n = group.instances
-    epsilon = torch.randn(n, theta.numel(), generator=group.generator) * sigma * mask
+    epsilon = perturbations(n, theta, sigma, mask, group.generator)
     weights = U.unflatten_weights(config, theta + torch.cat([epsilon, -epsilon]))
     steps = group.episode_length
     meta_loss = _unroll_truncation(config, group, weights, steps, loss_cfg)
-    difference = meta_loss[:n] - meta_loss[n:]
-    gradient = (epsilon * difference.unsqueeze(1)).mean(0) / (2 * sigma**2)
+    gradient = antithetic_gradient(epsilon, meta_loss[:n], meta_loss[n:], sigma)
     return gradient, EstimateInfo(float(meta_loss.mean()), steps, group.copies, True)
 
 
@@ -159,30 +171,20 @@ def sanitize_meta_gradient(gradient: torch.Tensor, clip: float) -> torch.Tensor:
     return gradient.clamp(-clip, clip)
 
 
-@dataclass
-class AdamWState:
-    """Explicit outer-optimizer state (so checkpoints are plain tensors + ints)."""
-
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    step: int = 0
+def outer_optimizer(
+    theta: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """`torch.optim.AdamW` over the one flat ``θ`` (a leaf tensor, updated in place by `outer_step`)."""
+    return torch.optim.AdamW([theta], lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=weight_decay, foreach=False)
 
 
-def adamw_update(
-    theta: torch.Tensor,
-    gradient: torch.Tensor,
-    state: AdamWState,
-    lr: float,
-    mask: torch.Tensor,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> torch.Tensor:
-    """One AdamW step ``θ ← θ − lr (m̂/(√v̂+eps) + wd·θ)`` applied only where ``mask`` is 1."""
-    state.step += 1
-    state.exp_avg.mul_(betas[0]).add_(gradient, alpha=1 - betas[0])
-    state.exp_avg_sq.mul_(betas[1]).addcmul_(gradient, gradient, value=1 - betas[1])
-    m_hat = state.exp_avg / (1 - betas[0] ** state.step)
-    v_hat = state.exp_avg_sq / (1 - betas[1] ** state.step)
-    update = m_hat / (v_hat.sqrt() + eps) + weight_decay * theta
-    return theta - lr * update * mask
+def outer_step(optimizer: torch.optim.AdamW, gradient: torch.Tensor, mask: torch.Tensor) -> None:
+    """One step of the outer optimizer with ``gradient``; the entries of ``θ`` outside ``mask`` keep their value
+    (weight decay included)."""
+    (theta,) = optimizer.param_groups[0]["params"]
+    frozen = theta.detach().clone()
+    theta.grad = gradient * mask
+    optimizer.step()
+    theta.grad = None
+    with torch.no_grad():
+        theta.copy_(torch.where(mask > 0, theta, frozen))

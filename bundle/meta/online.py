@@ -12,8 +12,8 @@ probe of the rule on the real task, and takes one outer AdamW step on φ:
    ``L_t`` before each step, restore the snapshot; the same with ``θ − ε``; restore again. The meta-loss of a
    run is ``ℓ = mean_t log(clip(L_t / L_0))`` (`optbundle.meta.estimators.normalized_meta_loss`), ``L_0`` the
    first loss of the + run (the loss at the snapshot, so it is the same for every run).
-4. ``ĝ = mean_pairs ε (ℓ⁺ − ℓ⁻) / (2σ²)``, sanitized (`sanitize_meta_gradient`), one `adamw_update` with the
-   callback's `AdamWState`, and the new ``θ`` is written into the rule (`load_flat_into_rule`); φ's dtype and
+4. ``ĝ = mean_pairs ε (ℓ⁺ − ℓ⁻) / (2σ²)`` (`antithetic_gradient`, with the ``ε`` of `perturbations`), sanitized
+   (`sanitize_meta_gradient`), one step of the callback's ``torch.optim.AdamW`` (`outer_step`), and the new ``θ`` is written into the rule (`load_flat_into_rule`); φ's dtype and
    device are kept. Parameters, optimizer state, gradients and module train/eval flags are restored, so
    training continues exactly where it was, only with the updated φ.
 
@@ -44,7 +44,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .estimators import AdamWState, MetaLossConfig, adamw_update, normalized_meta_loss, sanitize_meta_gradient
+from .estimators import (
+    MetaLossConfig,
+    antithetic_gradient,
+    normalized_meta_loss,
+    outer_optimizer,
+    outer_step,
+    perturbations,
+    sanitize_meta_gradient,
+)
 from .unroll import flatten_rule, load_flat_into_rule, parameter_mask
 from ..step.optimizer import LearnedOptimizer
 from ..store.rule import LearnedRule
@@ -134,7 +142,7 @@ class OnlineRefinementCallback(TrainerCallback):
         self._theta: torch.Tensor | None = None  # fp32 master copy of φ (the rule may hold a lower precision)
         self._written: torch.Tensor | None = None  # flatten_rule(rule) right after our last write
         self._mask: torch.Tensor | None = None
-        self._adam: AdamWState | None = None
+        self._adam: torch.optim.AdamW | None = None
         self._loader: torch.utils.data.DataLoader | None = None
         self._batches: Iterator[Any] | None = None
         self._data_generator: torch.Generator | None = None
@@ -207,7 +215,7 @@ class OnlineRefinementCallback(TrainerCallback):
         self._theta = flatten_rule(rule)
         self._written = self._theta.clone()
         self._mask = parameter_mask(rule.config, self.trainable).to(self._theta.device)
-        self._adam = AdamWState(torch.zeros_like(self._theta), torch.zeros_like(self._theta))
+        self._adam = outer_optimizer(self._theta, self.outer_lr)
 
     def _probe_fraction(self) -> float:
         if self._train_start is None:
@@ -263,7 +271,7 @@ class OnlineRefinementCallback(TrainerCallback):
         rule = self._rule
         current = flatten_rule(rule)
         if not torch.equal(current, self._written):  # φ was changed from outside: continue from it
-            self._theta = current
+            self._theta.copy_(current)
         theta, mask = self._theta, self._mask
         params = [p for group in optimizer.param_groups for p in group["params"]]
         device = params[0].device if params else torch.device("cpu")
@@ -275,27 +283,23 @@ class OnlineRefinementCallback(TrainerCallback):
             batches = self._next_batches(args, train_dataloader, device)
             snapshot = _Snapshot(optimizer, params)
             generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + state.global_step)
-            gradient = torch.zeros_like(theta)
             plus_losses, minus_losses = [], []
             initial = None
             try:
                 model.train()
-                for _ in range(self.pairs):
-                    epsilon = (torch.randn(theta.numel(), generator=generator).to(theta.device) * self.sigma) * mask
-                    runs = []
-                    for sign in (1.0, -1.0):
+                epsilons = perturbations(self.pairs, theta, self.sigma, mask, generator)
+                for epsilon in epsilons:
+                    for sign, meta_losses in ((1.0, plus_losses), (-1.0, minus_losses)):
                         load_flat_into_rule(rule, theta + sign * epsilon)
                         losses = self._run(model, optimizer, params, batches, max_grad_norm)
                         snapshot.restore()
                         if initial is None:
                             initial = losses[0]
-                        runs.append(normalized_meta_loss(losses, initial, self.meta_loss).mean())
-                    plus, minus = runs
-                    plus_losses.append(float(plus))
-                    minus_losses.append(float(minus))
-                    gradient += epsilon * (plus - minus) / (2 * self.sigma**2)
-                gradient = sanitize_meta_gradient(gradient / self.pairs, self.gradient_clip)
-                self._theta = adamw_update(theta, gradient, self._adam, self.outer_lr, mask)
+                        meta_losses.append(normalized_meta_loss(losses, initial, self.meta_loss).mean())
+                plus, minus = torch.stack(plus_losses), torch.stack(minus_losses)
+                gradient = antithetic_gradient(epsilons, plus.to(theta.device), minus.to(theta.device), self.sigma)
+                gradient = sanitize_meta_gradient(gradient, self.gradient_clip)
+                outer_step(self._adam, gradient, mask)
             finally:
                 load_flat_into_rule(rule, self._theta)
                 self._written = flatten_rule(rule)
@@ -312,8 +316,8 @@ class OnlineRefinementCallback(TrainerCallback):
         trained = float(mask.sum())
         entry = {
             "step": state.global_step,
-            "meta_loss_plus": sum(plus_losses) / len(plus_losses),
-            "meta_loss_minus": sum(minus_losses) / len(minus_losses),
+            "meta_loss_plus": float(plus.mean()),
+            "meta_loss_minus": float(minus.mean()),
             "gradient_rms": float(((gradient * mask).square().sum() / max(trained, 1.0)).sqrt()),
             "probe_seconds": seconds,
             "probe_fraction": self._probe_fraction(),

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..recipes import parse_config
 from ..step import reference
 from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
@@ -110,11 +111,8 @@ class RefineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> RefineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown refinement option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
+        (config,) = parse_config((cls,), kwargs, source="Bundle.refine", kind="refinement option", error=TypeError)
+        return config
 
 
 # ---- data -----------------------------------------------------------------------------------------------

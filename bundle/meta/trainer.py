@@ -2,13 +2,13 @@
 
 One meta-step: every task group this rank owns gives one meta-gradient estimate (PES / ES / TBPTT, see
 `estimators.py`); the estimates are summed, all-reduced over ranks (``torch.distributed``, gloo on CPU) and
-divided by the global number of groups; NaNs become 0, values are clipped element-wise; AdamW updates the
+divided by the global number of groups; NaNs become 0, values are clipped element-wise; ``torch.optim.AdamW`` updates the
 masked part of ``θ``. Every rank computes the same update from the same all-reduced gradient, so φ stays
 identical everywhere. Group ``i`` (global index) always draws from the generator seeded with
 ``(seed, i)``, so the estimate of a group does not depend on which rank runs it.
 
-Checkpoints (``out_dir/checkpoints/step-N/``, safetensors + JSON, no pickle): ``θ``, the AdamW moments and
-step, the meta-step, history, and per rank every group's inner state and RNG state. ``latest.json`` is written
+Checkpoints (``out_dir/checkpoints/step-N/``, safetensors + JSON, no pickle): ``θ``, the AdamW state (moments and
+step), the meta-step, history, and per rank every group's inner state and RNG state. ``latest.json`` is written
 last (atomically) and points at the newest complete checkpoint, so a run killed at any moment resumes from a
 complete state and, CPU math being deterministic for a fixed thread count, reaches bit-identical φ.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..files import VERSION, atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
-from ..recipes import recipe_path
+from ..recipes import parse_config, parse_recipe, recipe_path
 from ..step.rule import RuleConfig
 from ..store.rule import LearnedRule, load_rule
 from . import estimators as E
@@ -94,23 +94,17 @@ class MetaTrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MetaTrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown meta-training config key(s): {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], *, source: str = "meta-training config") -> MetaTrainConfig:
+        (config,) = parse_config((cls,), data, source=source)
+        return config
 
 
 def load_recipe(name_or_path: str | Path, **overrides: Any) -> MetaTrainConfig:
     """A `MetaTrainConfig` from a shipped recipe name (``recipes/NAME.yaml``) or a YAML path, plus overrides."""
-    import yaml
-
-    path = recipe_path(str(name_or_path))
-    data = yaml.safe_load(path.read_text()) or {}
-    data.setdefault("name", path.stem)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return MetaTrainConfig.from_dict(data)
+    stem = recipe_path(str(name_or_path)).stem
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _, (config,) = parse_recipe(name_or_path, (MetaTrainConfig,), overrides, defaults={"name": stem})
+    return config
 
 
 def code_version() -> str:
@@ -174,7 +168,7 @@ class MetaTrainer:
         if self.distributed:
             dist.broadcast(self.theta, src=0)
         self.mask = U.parameter_mask(self.rule_config, config.trainable)
-        self.outer = E.AdamWState(torch.zeros_like(self.theta), torch.zeros_like(self.theta), 0)
+        self.outer = E.outer_optimizer(self.theta, config.outer_lr, config.outer_betas, config.outer_weight_decay)
         self.meta_step = 0
         self.history: list[dict[str, float]] = []
         self.wall_time_s = 0.0
@@ -249,9 +243,7 @@ class MetaTrainer:
             dist.all_reduce(gradient_sum)
             dist.all_reduce(stats)
         gradient = E.sanitize_meta_gradient(gradient_sum / c.task_groups, c.gradient_clip)
-        self.theta = E.adamw_update(
-            self.theta, gradient, self.outer, c.outer_lr, self.mask, c.outer_betas, weight_decay=c.outer_weight_decay
-        )
+        E.outer_step(self.outer, gradient, self.mask)
         self.meta_step += 1
         self.inner_steps += int(stats[1])
         seconds = time.perf_counter() - start
@@ -389,13 +381,13 @@ class MetaTrainer:
         atomic_write_bytes(directory / f"groups-rank{self.rank}.safetensors", save_safetensors_bytes(tensors))
         atomic_write_json(directory / f"groups-rank{self.rank}.json", metadata)
         if self.rank == 0:
-            outer = {"theta": self.theta, "exp_avg": self.outer.exp_avg, "exp_avg_sq": self.outer.exp_avg_sq}
+            adamw = self.outer.state_dict()["state"].get(0, {})  # empty before the first step
+            outer = {"theta": self.theta, **{f"adamw/{k}": v for k, v in adamw.items()}}
             atomic_write_bytes(directory / "outer.safetensors", save_safetensors_bytes(outer))
             atomic_write_json(
                 directory / "outer.json",
                 {
                     "meta_step": self.meta_step,
-                    "outer_step": self.outer.step,
                     "wall_time_s": self.wall_time_s,
                     "inner_steps": self.inner_steps,
                     "world_size": self.world_size,
@@ -434,8 +426,10 @@ class MetaTrainer:
                 f"--nproc_per_node (this run has {self.world_size})"
             )
         outer = load_safetensors_file(directory / "outer.safetensors")
-        self.theta = outer["theta"].clone()
-        self.outer = E.AdamWState(outer["exp_avg"].clone(), outer["exp_avg_sq"].clone(), int(outer_meta["outer_step"]))
+        with torch.no_grad():
+            self.theta.copy_(outer["theta"])
+        adamw = {k.removeprefix("adamw/"): v for k, v in outer.items() if k.startswith("adamw/")}
+        self.outer.load_state_dict({"state": {0: adamw} if adamw else {}, "param_groups": self.outer.state_dict()["param_groups"]})
         self.meta_step = int(outer_meta["meta_step"])
         self.wall_time_s = float(outer_meta["wall_time_s"])
         self.inner_steps = int(outer_meta["inner_steps"])

@@ -37,6 +37,7 @@ from ..files import (
     save_safetensors_bytes,
     short_repr,
 )
+from ..recipes import check_known_keys
 from .vocabulary import ACTIVATIONS, FEATURE_GROUPS, NUM_OUTPUTS, OUTPUT_FORMS, SMALL_FC_LOPT_FEATURES, feature_width
 
 RULE_FORMAT_VERSION = 2
@@ -340,9 +341,7 @@ class RuleConfig:
         if version == 1:  # format 1 predates these fields; its rules behave as they always did
             data = {**{k: v for k, v in V1_DEFAULTS.items() if k not in data}, **data}
         data = {**{k: v for k, v in LATE_DEFAULTS.items() if k not in data}, **data}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RuleConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        check_known_keys((cls,), data, source=source, kind="field", error=RuleConfigError)
         missing = sorted(known - set(data))
         if missing:
             raise RuleConfigError(

@@ -45,6 +45,7 @@ from ..files import (
     STATE_JSON_NAME,
     STATE_TENSORS_NAME,
     BundleError,
+    ChecksumError,
     CorruptFileError,
     FormatVersionError,
     MissingFileError,
@@ -57,7 +58,6 @@ from ..files import (
     read_json_file,
     read_manifest,
     read_safetensors_header,
-    recover_directory,
     save_safetensors_bytes,
     short_repr,
     verify_manifest,
@@ -68,7 +68,7 @@ from ..step.roles import assign_roles
 from ..step.rule import REGIMES, ROLES
 from .assets import resolve_model
 from .card import model_card
-from .hub import is_hub_reference, load_bundle_from_hub, push_bundle, push_directory
+from .hub import RULE_REPO_KIND, load_pretrained, push_directory, push_pretrained
 from .rule import LearnedRule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -515,11 +515,15 @@ class Bundle:
         Hub is kept unless ``overwrite_card=True``. See `optbundle.store.hub.push_directory`.
         """
         card_info = {"tags": list(tags)} if tags else None
-        return push_bundle(
-            self, repo_id, save_state=save_state, state_dtype=state_dtype, max_shard_size=max_shard_size,
-            card_info=card_info, revision=revision, private=private, commit_message=commit_message,
+        save_kwargs = dict(save_state=save_state, state_dtype=state_dtype, max_shard_size=max_shard_size, card_info=card_info)
+        return push_pretrained(
+            self, repo_id, save_kwargs, revision=revision, private=private, commit_message=commit_message,
             commit_description=commit_description, token=token, create_pr=create_pr, overwrite_card=overwrite_card,
         )
+
+    def _save_repo(self, directory: Path, **save_kwargs: Any) -> Path:
+        """The folder `push_to_hub` pushes (hook of `optbundle.store.hub.push_pretrained`)."""
+        return self.save_pretrained(directory, **save_kwargs)
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -549,12 +553,37 @@ class Bundle:
         ``base_model``: for adapter bundles, the base model (a module, or a folder/alias to load it from;
         default: the base recorded in the bundle). Its identity is checked against the one recorded.
         """
-        if is_hub_reference(path):
-            return load_bundle_from_hub(
-                cls, path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
-                model=model, model_class=model_class, base_model=base_model, load_state=load_state, **model_kwargs,
+        hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        return load_pretrained(
+            cls, path, hub_kwargs, model=model, model_class=model_class, base_model=base_model, load_state=load_state,
+            model_kwargs=model_kwargs,
+        )
+
+    @classmethod
+    def _from_snapshot(cls, snapshot: Any, **load_kwargs: Any) -> Bundle:
+        """Load a Hub snapshot's folder (hook of `optbundle.store.hub.load_pretrained`)."""
+        if snapshot.manifest.get("kind") == RULE_REPO_KIND:
+            raise BundleError(
+                "is a rule-only repo (no model); load it with LearnedRule.from_pretrained or optbundle.load_rule"
             )
-        directory = recover_directory(Path(path))
+        try:
+            return cls._from_local(snapshot.directory, **load_kwargs)
+        except ChecksumError as err:
+            repo_id = snapshot.repo_id
+            raise ChecksumError(
+                f"{err}. A file changed after optbundle wrote {MANIFEST_NAME}: most likely a plain model was pushed "
+                "into this bundle repo (model.push_to_hub, or trainer.push_to_hub without optbundle's BundleCallback). "
+                f"To recover: load the last bundle commit with Bundle.from_pretrained({repo_id!r}, revision=<sha>), "
+                "or rebuild the bundle around the pushed weights and push it again: "
+                f"Bundle(AutoModelFor...from_pretrained({repo_id!r}), load_rule({repo_id!r})).push_to_hub({repo_id!r})"
+            ) from None
+
+    @classmethod
+    def _from_local(
+        cls, directory: Path, *, model: nn.Module | None, model_class: Any, base_model: Any, load_state: bool,
+        model_kwargs: dict[str, Any],
+    ) -> Bundle:
+        """Load a local bundle folder after verifying it (hook of `optbundle.store.hub.load_pretrained`)."""
         if not directory.is_dir():
             raise MissingFileError(f"{directory}: not a bundle directory")
         manifest = read_manifest(directory)

@@ -8,17 +8,17 @@ instead of mixing the two. A README.md edited on the Hub (its generated-card sea
 kept unless ``overwrite_card=True``.
 
 Loading (`download_repo`, used by ``from_pretrained`` and `optbundle.load_rule` for Hub ids): the revision is
-first resolved to one commit sha (``HfApi.model_info``, or the cache's ``refs/`` when offline); then
-``bundle.json`` and exactly the files it lists are fetched with ``hf_hub_download`` at that sha, so a push in
-between can never mix files of two versions. The cached snapshot folder is then loaded by the ordinary
-local-directory path, which verifies every file's size and sha256 against ``bundle.json``; only files the
-manifest lists (safetensors and JSON) are fetched and read. Anything fetched before loads offline
-(``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) from the cache.
+resolved once to a commit sha (``HfApi.resolve_revision``; offline, from the cache's ``refs/``), then
+``snapshot_download`` fetches ``bundle.json`` and exactly the files it lists (``allow_patterns``) at that sha, so
+a push in between can never mix files of two versions. The cached snapshot folder is then loaded by the
+ordinary local-directory path, which verifies every file's size and sha256 against ``bundle.json``. Anything
+fetched before loads offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) from the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import re
@@ -29,17 +29,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import huggingface_hub
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+from huggingface_hub.errors import (
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    RevisionResolutionError,
+)
+from huggingface_hub.utils import validate_repo_id
+
 from ..files import (
     CARD_NAME,
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     BundleError,
-    ChecksumError,
     MissingFileError,
     atomic_directory,
-    atomic_write_bytes,
     check_relative_path,
     commit_directory,
+    recover_directory,
     read_manifest,
     staging_directory,
     verify_manifest,
@@ -51,7 +63,6 @@ from .card import card_for_repo, is_generated_card, rule_card
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
 
-    from .bundle import Bundle
     from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
@@ -78,8 +89,6 @@ def is_hub_reference(name: Any) -> bool:
     """True for a string that is not an existing local path and reads as a Hub repo id ``namespace/name``."""
     if not isinstance(name, str) or Path(name).exists() or not _REPO_ID.fullmatch(name):
         return False
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(name)
@@ -95,8 +104,6 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "no answer from the Hub" (not an HTTP error status) for this huggingface_hub."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
     errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
     for module_name in ("httpx2", "httpx"):
         try:
@@ -109,104 +116,36 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _endpoint_name(endpoint: str | None) -> str:
-    from huggingface_hub import constants
-
-    return endpoint or constants.ENDPOINT
-
-
-# ---- the cache -------------------------------------------------------------------------------------------------
-
-
-def _cache_dir(cache_dir: str | Path | None) -> Path:
-    from huggingface_hub import constants
-
-    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-
-
-def _ref_path(cache_dir: Path, repo_id: str, ref: str) -> Path | None:
-    from huggingface_hub.file_download import repo_folder_name
-
-    if not ref or ref.startswith("/") or any(part in ("", ".", "..") for part in ref.split("/")):
-        return None
-    return cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / ref
-
-
-def cached_commit(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | None = None) -> str | None:
-    """The commit sha the local cache records for ``revision`` (a branch or tag) of ``repo_id``, if any."""
-    path = _ref_path(_cache_dir(cache_dir), repo_id, revision or DEFAULT_BRANCH)
-    try:
-        sha = path.read_text().strip() if path is not None else ""
-    except OSError:
-        return None
-    return sha if _COMMIT_SHA.fullmatch(sha) else None
-
-
-def _remember_ref(cache_dir: Path, repo_id: str, ref: str, sha: str) -> None:
-    """Record ``ref → sha`` in the cache (the layout huggingface_hub reads), so the revision resolves offline.
-
-    Files are fetched by sha, which makes huggingface_hub skip writing the ref itself.
-    """
-    path = _ref_path(cache_dir, repo_id, ref)
-    if path is None:
-        return
-    try:
-        if not path.is_file() or path.read_text().strip() != sha:
-            atomic_write_bytes(path, sha.encode())
-    except OSError as err:  # a read-only cache still loads; it just cannot resolve this ref offline later
-        logger.warning("could not record %s@%s → %s in the cache (%s)", repo_id, ref, sha[:12], err)
-
-
 # ---- resolving and fetching ----------------------------------------------------------------------------------------
 
 
-def resolve_commit(
-    repo_id: str,
-    revision: str | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """The 40-hex commit sha ``revision`` (default ``main``) of ``repo_id`` points at now.
-
-    A sha is returned as is. Online, the Hub answers (``GET /api/models/{repo}/revision/{rev}``); offline, or when
-    the Hub cannot be reached, the cache's record of the last resolution is used.
-    """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if revision is not None and _COMMIT_SHA.fullmatch(revision):
-        return revision
+@contextlib.contextmanager
+def _download_errors(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Iterator[None]:
+    """huggingface_hub's download errors as `MissingFileError` / `HubError` naming the repo and revision."""
     ref = revision or DEFAULT_BRANCH
-    offline = local_files_only or constants.is_offline_mode()
-    reason = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)"
-    if not offline:
+    with _hub_call(f"{repo_id}@{ref}: downloading"):
         try:
-            sha = HfApi(endpoint=endpoint).model_info(repo_id, revision=ref, token=token).sha
+            yield
         except RepositoryNotFoundError:
             raise MissingFileError(
-                f"{repo_id}: no such local directory, and no such repo on the Hub ({_endpoint_name(endpoint)}); "
+                f"{repo_id}: no such local directory, and no such repo on the Hub ({constants.ENDPOINT}); "
                 "for a private repo pass token="
             ) from None
         except RevisionNotFoundError:
             raise MissingFileError(f"{repo_id}: the Hub repo has no revision {ref!r}") from None
-        except HfHubHTTPError as err:
-            raise HubError(f"{repo_id}: could not resolve revision {ref!r} on the Hub ({_first_line(err)})") from err
-        except _network_errors() as err:
-            reason = f"the Hub could not be reached ({_first_line(err)})"
-            logger.warning("%s: %s; using the cached %r", repo_id, reason, ref)
-        else:
-            if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):
-                raise HubError(f"{repo_id}: the Hub did not say which commit {ref!r} is (got sha {sha!r})")
-            return sha
-    sha = cached_commit(repo_id, ref, cache_dir=cache_dir)
-    if sha is None:
-        raise MissingFileError(
-            f"{repo_id}: revision {ref!r} was never fetched into the cache ({_cache_dir(cache_dir)}), and {reason}"
-        )
-    return sha
+        except (RevisionResolutionError, LocalEntryNotFoundError) as err:
+            raise MissingFileError(
+                f"{repo_id}@{ref}: not in the local cache ({cache_dir or constants.HF_HUB_CACHE}), and the Hub is not "
+                f"used or not reachable ({_first_line(err)})"
+            ) from None
+
+
+def cached_commit(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | None = None) -> str | None:
+    """The commit sha the local cache records for ``revision`` (a branch or tag) of ``repo_id``, if any."""
+    try:
+        return HfApi().resolve_revision(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True).resolved
+    except RevisionResolutionError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -234,72 +173,49 @@ def download_repo(
     select: Callable[[dict[str, Any]], list[str]] | None = None,
     include_card: bool = False,
 ) -> HubSnapshot:
-    """Resolve ``revision`` to one commit, then fetch ``bundle.json`` and the files it lists at that commit.
+    """Resolve ``revision`` to one commit (``HfApi.resolve_revision``: the Hub, or the cache's ``refs/`` when
+    offline), then ``snapshot_download`` ``bundle.json`` and the files it lists at that sha.
 
     ``select(manifest)`` narrows the files to fetch (default: all the manifest lists). Files are not verified
     here; the caller verifies the ones it loads. ``include_card`` also fetches README.md when the repo has one.
     """
-    from huggingface_hub import constants
-
     _check_repo_id(repo_id)
-    cache = _cache_dir(cache_dir)
     offline = local_files_only or constants.is_offline_mode()
-    commit = resolve_commit(
-        repo_id, revision, cache_dir=cache, local_files_only=offline, token=token, endpoint=endpoint
-    )
+    with _download_errors(repo_id, revision, cache_dir):
+        resolved = HfApi(endpoint=endpoint, token=token).resolve_revision(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline
+        )
+    commit = resolved.resolved
+    if not _COMMIT_SHA.fullmatch(commit):
+        raise HubError(f"{repo_id}: the Hub did not say which commit {revision or DEFAULT_BRANCH!r} is (got {commit!r})")
+
+    def fetch(names: list[str]) -> Path:
+        with _download_errors(repo_id, commit, cache_dir):
+            folder = huggingface_hub.snapshot_download(
+                repo_id, revision=commit, cache_dir=cache_dir, local_files_only=offline, token=token,
+                endpoint=endpoint, allow_patterns=[glob.escape(name) for name in names],
+            )
+        return Path(folder)
+
     where = f"{repo_id}@{commit[:12]}"
-
-    def fetch(name: str) -> Path:
-        return _fetch_file(repo_id, name, commit, cache=cache, offline=offline, token=token, endpoint=endpoint)
-
-    try:
-        manifest_path = fetch(MANIFEST_NAME)
-    except MissingFileError as err:
-        raise MissingFileError(f"{err}; an optbundle repo always has one (was this repo pushed by optbundle?)") from None
-    directory = manifest_path.parent
+    directory = fetch([MANIFEST_NAME])
+    if not (directory / MANIFEST_NAME).is_file():
+        raise MissingFileError(
+            f"{where}: the repo has no file {MANIFEST_NAME}; an optbundle repo always has one (was this repo pushed by "
+            "optbundle?)"
+        )
     manifest = read_manifest(directory)
-    names = select(manifest) if select is not None else list(manifest["files"])
     for name in manifest["files"]:  # every path, before any path from the Hub touches the disk
         check_relative_path(name, source=f"{where}/{MANIFEST_NAME}")
+    names = select(manifest) if select is not None else list(manifest["files"])
+    fetch(names)
     for name in names:
-        fetch(name)
-    if include_card:
+        if not (directory / name).is_file():
+            raise MissingFileError(f"{where}: the repo has no file {name} (listed in {MANIFEST_NAME})")
+    if include_card:  # optional: a repo may have none, an offline cache may lack it
         with contextlib.suppress(MissingFileError):
-            fetch(CARD_NAME)
-    if not offline and not (revision is not None and _COMMIT_SHA.fullmatch(revision)):
-        _remember_ref(cache, repo_id, revision or DEFAULT_BRANCH, commit)
+            fetch([CARD_NAME])
     return HubSnapshot(repo_id=repo_id, commit=commit, directory=directory, manifest=manifest)
-
-
-def _fetch_file(
-    repo_id: str, name: str, commit: str, *, cache: Path, offline: bool, token: str | bool | None, endpoint: str | None
-) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    where = f"{repo_id}@{commit[:12]}"
-    try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                name,
-                revision=commit,
-                cache_dir=cache,
-                local_files_only=offline,
-                token=token,
-                endpoint=endpoint,
-            )
-        )
-    except LocalEntryNotFoundError:
-        raise MissingFileError(
-            f"{where}: {name} is not in the local cache ({cache}) and the Hub is not used or not reachable"
-        ) from None
-    except EntryNotFoundError:
-        raise MissingFileError(f"{where}: the repo has no file {name}") from None
-    except HfHubHTTPError as err:
-        raise HubError(f"{where}: downloading {name} failed ({_first_line(err)})") from err
-    except _network_errors() as err:
-        raise HubError(f"{where}: downloading {name} failed, the Hub could not be reached ({_first_line(err)})") from err
 
 
 @contextlib.contextmanager
@@ -320,45 +236,36 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
-# ---- loading -------------------------------------------------------------------------------------------------------
+# ---- loading and pushing Bundle / LearnedRule ----------------------------------------------------------------------
 
 
-def load_bundle_from_hub(
-    bundle_cls: type[Bundle],
-    repo_id: str,
+def load_pretrained(
+    cls: Any,
+    path: str | Path,
+    hub_kwargs: dict[str, Any],
     *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
+    select: Callable[[dict[str, Any]], list[str]] | None = None,
     **load_kwargs: Any,
-) -> Bundle:
-    """`Bundle.from_pretrained` for a Hub id: fetch every file at one commit, then load the verified snapshot."""
-    snapshot = download_repo(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        endpoint=endpoint,
-    )
-    if snapshot.manifest.get("kind") == RULE_REPO_KIND:
-        raise BundleError(
-            f"{snapshot.where}: is a rule-only repo (no model); load it with LearnedRule.from_pretrained or "
-            "optbundle.load_rule"
-        )
+) -> Any:
+    """``from_pretrained`` of `Bundle` and `LearnedRule`: a local folder (an interrupted save recovered first) is
+    loaded by ``cls._from_local(path, **load_kwargs)``; a Hub id ``namespace/name`` is fetched at one commit
+    (`download_repo` with ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``; only the
+    files ``select(manifest)`` names) and loaded by ``cls._from_snapshot(snapshot, **load_kwargs)``, its errors
+    prefixed with ``repo@sha``."""
+    local = recover_directory(Path(path))
+    if local.exists() or not is_hub_reference(str(path)):
+        return cls._from_local(local, **load_kwargs)
+    snapshot = download_repo(str(path), select=select, **hub_kwargs)
     with _located(snapshot):
-        try:
-            return bundle_cls.from_pretrained(snapshot.directory, **load_kwargs)
-        except ChecksumError as err:
-            raise ChecksumError(
-                f"{err}. A file changed after optbundle wrote {MANIFEST_NAME}: most likely a plain model was pushed "
-                "into this bundle repo (model.push_to_hub, or trainer.push_to_hub without optbundle's BundleCallback). "
-                f"To recover: load the last bundle commit with Bundle.from_pretrained({repo_id!r}, revision=<sha>), "
-                "or rebuild the bundle around the pushed weights and push it again: "
-                f"Bundle(AutoModelFor...from_pretrained({repo_id!r}), load_rule({repo_id!r})).push_to_hub({repo_id!r})"
-            ) from None
+        return cls._from_snapshot(snapshot, **load_kwargs)
+
+
+def push_pretrained(obj: Any, repo_id: str, save_kwargs: dict[str, Any] | None = None, **push_kwargs: Any) -> CommitInfo:
+    """``push_to_hub`` of `Bundle` and `LearnedRule`: ``obj._save_repo(folder, **save_kwargs)`` writes the repo
+    folder into a temporary directory, which is pushed as one commit (see `push_directory`)."""
+    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
+        folder = obj._save_repo(Path(scratch) / "repo", **(save_kwargs or {}))
+        return push_directory(folder, repo_id, **push_kwargs)
 
 
 def rule_files(manifest: dict[str, Any]) -> list[str]:
@@ -366,37 +273,6 @@ def rule_files(manifest: dict[str, Any]) -> list[str]:
     prefix = "" if manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
     names = [prefix + name for name in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME, PROVENANCE_NAME)]
     return [name for name in names if name in manifest["files"]]
-
-
-def load_rule_from_hub(
-    rule_cls: type[LearnedRule],
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-) -> LearnedRule:
-    """`LearnedRule.from_pretrained` for a Hub id: a rule-only repo, or the rule of a bundle repo (only the
-    rule's files are fetched, not the model weights). The fetched files are verified against ``bundle.json``."""
-    snapshot = download_repo(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        endpoint=endpoint,
-        select=rule_files,
-    )
-    names = rule_files(snapshot.manifest)
-    prefix = "" if snapshot.manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
-    for required in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME):
-        if prefix + required not in names:
-            raise MissingFileError(f"{snapshot.where}: {MANIFEST_NAME} lists no {prefix}{required}; the repo holds no rule")
-    with _located(snapshot):
-        verify_manifest(snapshot.directory, snapshot.manifest, only=names)
-        return rule_cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
 
 
 def pull_repo(
@@ -462,7 +338,6 @@ def save_rule_repo(rule: LearnedRule, directory: str | Path) -> Path:
 
 @contextlib.contextmanager
 def _hub_call(what: str) -> Iterator[None]:
-    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         yield
@@ -502,8 +377,6 @@ def push_directory(
     and ``README.md`` are uploaded. ``revision`` names the branch (created from ``main`` if missing);
     ``create_pr=True`` opens a pull request against it instead (``.pr_url``, ``.pr_revision`` to load it).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
 
     directory = Path(directory)
     _check_repo_id(repo_id)
@@ -579,7 +452,6 @@ def push_directory(
             create_pr=create_pr,
         )
     except Exception as err:
-        from huggingface_hub.errors import HfHubHTTPError
 
         if not isinstance(err, (HfHubHTTPError, *_network_errors())):
             raise
@@ -597,29 +469,3 @@ def _head_report(api: Any, repo_id: str, branch: str, head: str) -> str:
     if now == head:
         return f"the repo is unchanged (branch still at {head[:12]})"
     return f"the branch moved from {head[:12]} to {now[:12]} (another push?)"
-
-
-def push_bundle(
-    bundle: Bundle,
-    repo_id: str,
-    *,
-    save_state: bool = True,
-    state_dtype: Any = None,
-    max_shard_size: int | str | None = None,
-    card_info: dict[str, Any] | None = None,
-    **push_kwargs: Any,
-) -> CommitInfo:
-    """Save ``bundle`` to a temporary folder and push it as one commit (see `push_directory`)."""
-    save_kwargs: dict[str, Any] = {"save_state": save_state, "max_shard_size": max_shard_size, "card_info": card_info}
-    if state_dtype is not None:
-        save_kwargs["state_dtype"] = state_dtype
-    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
-        folder = bundle.save_pretrained(Path(scratch) / "bundle", **save_kwargs)
-        return push_directory(folder, repo_id, **push_kwargs)
-
-
-def push_rule(rule: LearnedRule, repo_id: str, **push_kwargs: Any) -> CommitInfo:
-    """Push ``rule`` alone as an optimizer-only repo (rule files, card, manifest) in one commit."""
-    with tempfile.TemporaryDirectory(prefix="optbundle-push-") as scratch:
-        folder = save_rule_repo(rule, Path(scratch) / "rule")
-        return push_directory(folder, repo_id, **push_kwargs)

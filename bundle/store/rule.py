@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..files import MANIFEST_NAME, OPTIMIZER_DIR, BundleError, MissingFileError, recover_directory, verified_directory
-from ..step.rule import RULE_CONFIG_NAME, RuleNetwork
-from .hub import is_hub_reference, load_rule_from_hub, push_rule
+from ..files import (
+    MANIFEST_NAME, OPTIMIZER_DIR, BundleError, MissingFileError, recover_directory, verified_directory, verify_manifest,
+)
+from ..step.rule import RULE_CONFIG_NAME, RULE_WEIGHTS_NAME, RuleNetwork
+from .hub import RULE_REPO_KIND, is_hub_reference, load_pretrained, push_pretrained, rule_files, save_rule_repo
 from .pretrained import shipped_rule_names, shipped_rule_path
 
 
@@ -26,14 +28,28 @@ class LearnedRule(RuleNetwork):
         A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded. A Hub id
         ``"namespace/name"`` (a rule-only repo, or a bundle repo whose rule is wanted) is fetched at one commit and
         verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
-        ``token`` (see `optbundle.store.hub.load_rule_from_hub`).
+        ``token`` (see `optbundle.store.hub.load_pretrained`).
         """
-        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
+        return load_pretrained(cls, directory, hub_kwargs, select=rule_files)
+
+    @classmethod
+    def _from_local(cls, path: Path) -> LearnedRule:
+        """Hook of `optbundle.store.hub.load_pretrained` (``path`` recovered from an interrupted save)."""
         if not path.exists():
-            if is_hub_reference(directory):
-                return load_rule_from_hub(cls, str(directory), **hub_kwargs)
             raise MissingFileError(f"{path}: no such rule directory")
         return load_rule_directory(cls, path)
+
+    @classmethod
+    def _from_snapshot(cls, snapshot: Any) -> LearnedRule:
+        """Hook of `optbundle.store.hub.load_pretrained`: the rule files of a Hub snapshot, verified against its
+        manifest."""
+        names = rule_files(snapshot.manifest)
+        prefix = "" if snapshot.manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
+        for required in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME):
+            if prefix + required not in names:
+                raise MissingFileError(f"{MANIFEST_NAME} lists no {prefix}{required}; the repo holds no rule")
+        verify_manifest(snapshot.directory, snapshot.manifest, only=names)
+        return cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
 
     def push_to_hub(
         self,
@@ -47,10 +63,14 @@ class LearnedRule(RuleNetwork):
     ) -> Any:
         """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
         ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
-        return push_rule(
+        return push_pretrained(
             self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
             overwrite_card=overwrite_card,
         )
+
+    def _save_repo(self, directory: Path) -> Path:
+        """Hook of `optbundle.store.hub.push_pretrained`: the rule-only repo folder (see `save_rule_repo`)."""
+        return save_rule_repo(self, directory)
 
 
 def load_rule_directory(rule_cls: type[LearnedRule], path: Path) -> LearnedRule:
