@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_trainer.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "_ddp_trainer.py"
 
 
 def run(cmd, tmp_path, timeout=600):

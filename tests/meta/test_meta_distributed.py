@@ -11,7 +11,7 @@ import yaml
 from optbundle.format import load_safetensors_file
 from optbundle.meta import MetaTrainConfig, MetaTrainer, flatten_rule
 
-WORKER = Path(__file__).resolve().parent / "_meta_dist_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "_meta_dist_worker.py"
 
 RECIPE = dict(
     name="tiny-distributed",

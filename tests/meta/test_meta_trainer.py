@@ -237,11 +237,8 @@ def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
 def test_default_is_default_v3_phi_with_the_shipped_settings_of_ship_settings():
     """"default" is default-v4: default-v3's φ bit for bit, with the settings of benchmarks/ship_settings.py."""
     import dataclasses
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ship_settings
+    import ship_settings  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
     rule, parent = load_rule("default"), load_rule("default-v3")
     assert rule.content_hash() == load_rule("default-v4").content_hash()

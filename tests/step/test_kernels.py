@@ -41,7 +41,7 @@ from _parity import ULP, weights_of  # noqa: E402
 if not K.interpreter_active():
     pytest.skip(
         "Triton's interpreter is off (a CUDA device is present, or triton was imported before TRITON_INTERPRET=1); "
-        "on a GPU run tests/test_kernels_cuda.py",
+        "on a GPU run tests/step/test_kernels_cuda.py",
         allow_module_level=True,
     )
 
@@ -305,7 +305,7 @@ def test_unsupported_rule_falls_back_with_a_logged_reason(monkeypatch, caplog):
 
 def test_kernels_compile_for_hopper():
     """Every specialization of the default and adam-init rules compiles for sm_90 (ptxas), without a GPU."""
-    script = Path(__file__).with_name("_compile_kernels.py")
+    script = Path(__file__).resolve().parents[1] / "_compile_kernels.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(script), "--bf16-only", "default-v2", "adam-init"],

@@ -9,9 +9,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +30,7 @@ from optbundle.format import (
     staging_directory,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_bundles import make_base_bundle, rewrite_manifest  # noqa: E402
+from fuzz_bundles import make_base_bundle, rewrite_manifest  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 LOADERS = [Bundle.from_pretrained, LearnedRule.from_pretrained, load_rule]
 
