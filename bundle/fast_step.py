@@ -58,6 +58,12 @@ CHUNK_ELEMENTS = 1 << 17
 #: sums of squares from the ``A``/``B`` column vectors instead of from ``X``.
 _GROUP_ORDER = ("g", "p", "m", "v", "mrs", "rs", "adam", "full", "rsfull", "afg", "afm")
 
+#: The finiteness proof (`_StepContext.update_is_surely_finite`) holds when the bound on every new |parameter|
+#: is below `PROOF_LIMIT` (fp32's maximum is 3.4e38), and gives up when ``exp``'s argument reaches
+#: `PROOF_MAX_EXPONENT`. The Triton kernels have the same two (tests/step/test_fast_step.py checks).
+PROOF_LIMIT = 1e37
+PROOF_MAX_EXPONENT = 80.0
+
 
 @dataclass(frozen=True)
 class FeaturePlan:
@@ -662,14 +668,14 @@ class _StepContext:
         direction, magnitude = float(bound[0]), float(bound[1])
         if config.output == "small_fc_lopt":
             exponent = magnitude * config.exp_mult
-            step = direction * math.exp(min(exponent, 700.0)) * config.step_mult if exponent < 80 else math.inf
+            step = direction * math.exp(min(exponent, 700.0)) * config.step_mult if exponent < PROOF_MAX_EXPONENT else math.inf
         else:  # adam_residual: |m̂/(√v̂ + ε)| ≤ |m̂|/ε
             adam = float(m_max[config.adam_momentum_index]) / float(self.bias_correction1) / config.adam_eps
             step = config.step_mult * math.exp(config.magnitude_bound) * (adam + direction)
         if config.param_scale:
             step *= float(self.param_rms)
         new_param = p_max * (1 + abs(decay)) + abs(lr) * step
-        return new_param < 1e37  # False for NaN as well
+        return new_param < PROOF_LIMIT  # False for NaN as well
 
     # pass 3 ------------------------------------------------------------------------------------------
     def apply_chunk(self, X: torch.Tensor, chunk: _Chunk, u: torch.Tensor, arena: _Arena, write: bool,

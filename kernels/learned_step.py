@@ -70,6 +70,10 @@ _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2}
 _OUTPUT_CODES = {"small_fc_lopt": 0, "normalized": 1, "adam_residual": 2}
 #: Largest hidden width the register-resident φ supports.
 MAX_HIDDEN = 64
+#: The finiteness proof (`_fold_kernel`) holds when the bound on every new |parameter| is below `PROOF_LIMIT`,
+#: and gives up when ``exp``'s argument reaches `PROOF_MAX_EXPONENT`: the torch path's two numbers.
+PROOF_LIMIT = 1e37
+PROOF_MAX_EXPONENT = 80.0
 
 
 @dataclass(frozen=True)
@@ -554,6 +558,7 @@ def _fold_kernel(
     OFF_MAXS: tl.constexpr, OFF_ROW_SUMS: tl.constexpr, OFF_ROW_MAXS: tl.constexpr, OFF_COL_SUMS: tl.constexpr,
     OFF_COL_MAXS: tl.constexpr, OFF_EXTRA: tl.constexpr, OFF_FLAGS: tl.constexpr, OFF_W_ROW: tl.constexpr,
     OFF_W_COL: tl.constexpr, OFF_W_X: tl.constexpr, OFF_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    LIMIT: tl.constexpr, MAX_EXPONENT: tl.constexpr,
 ):
     """One program per tensor. ``weights``: [W₁ᵀ (NF+NT, H) | b₁ (H) | W_rest (NUM_REST, H, H) | b_rest]."""
     t = tl.program_id(0).to(tl.int64)
@@ -644,8 +649,8 @@ def _fold_kernel(
     direction = tl.sum(tl.where(hh == 0, bound, 0.0))
     magnitude = tl.sum(tl.where(hh == 1, bound, 0.0))
     if OUTPUT == 0:
-        exponent = tl.minimum(magnitude * EXP_MULT, 80.0)
-        step_bound = tl.where(magnitude * EXP_MULT < 80.0, direction * tl.exp(exponent) * STEP_MULT, float("inf"))
+        exponent = tl.minimum(magnitude * EXP_MULT, MAX_EXPONENT)
+        step_bound = tl.where(magnitude * EXP_MULT < MAX_EXPONENT, direction * tl.exp(exponent) * STEP_MULT, float("inf"))
     elif OUTPUT == 1:
         step_bound = direction * 0.0 + float("inf")  # normalized: needs Σu², always checked
     else:
@@ -659,7 +664,7 @@ def _fold_kernel(
     # Σg² beyond the largest fp32 (or NaN): the fp32 second moments would overflow, so skip like a NaN gradient
     grad_total = tl.load(scal + OFF_EXTRA + 0)
     grad_bad = tl.where(grad_total <= 3.4028234663852886e38, grad_bad, 1.0)
-    mode = tl.where(grad_bad != 0.0, 2.0, tl.where(new_param_bound < 1e37, 0.0, 1.0))
+    mode = tl.where(grad_bad != 0.0, 2.0, tl.where(new_param_bound < LIMIT, 0.0, 1.0))
     tl.store(scal + OFF_FLAGS + 1, mode)
     if grad_bad != 0.0:
         skipped_ptr = tl.load(pointers + t * 8 + 7).to(tl.pointer_type(tl.int64))
@@ -996,7 +1001,7 @@ def _launch_class(config, consts, packed, h, factored, param_dtype, grad_dtype, 
         OFF_MAXS=layout.maxs, OFF_ROW_SUMS=layout.row_sums, OFF_ROW_MAXS=layout.row_maxs,
         OFF_COL_SUMS=layout.col_sums, OFF_COL_MAXS=layout.col_maxs, OFF_EXTRA=layout.extra,
         OFF_FLAGS=layout.flags, OFF_W_ROW=layout.w_row, OFF_W_COL=layout.w_col, OFF_W_X=layout.w_x,
-        OFF_BIAS=layout.bias, BLOCK=blocks.loop,
+        OFF_BIAS=layout.bias, BLOCK=blocks.loop, LIMIT=PROOF_LIMIT, MAX_EXPONENT=PROOF_MAX_EXPONENT,
     )
     apply_args = dict(
         PARAM_DTYPE=pdt, GRAD_DTYPE=gdt, FACTORED=factored, H=h, FX=plan.num_rows, NF=len(plan.columns),

@@ -57,6 +57,7 @@ def tiny(tmp_path, **overrides):
     return MetaTrainConfig.from_dict(data)
 
 
+@pytest.mark.slow
 def test_resume_in_process_is_bit_identical(tmp_path):
     reference = MetaTrainer(tiny(tmp_path / "a"))
     reference.train()
@@ -73,6 +74,7 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     assert not torch.equal(reference.theta, U.flatten_rule(reference.parent)), "φ did not move"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "meta_steps": 14}))
@@ -116,6 +118,7 @@ def test_es_estimator_runs_and_learns_direction(tmp_path):
     assert all(g.episode_step == 4 for g in trainer.groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [

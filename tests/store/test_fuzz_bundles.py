@@ -5,11 +5,13 @@ to match consistent content, loads; nothing else escapes and nothing altered loa
 import time
 from collections import Counter
 
+import pytest
 from fuzz_bundles import KINDS, LOADERS, fuzz  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 CASES = 400
 
 
+@pytest.mark.slow
 def test_fuzzed_bundles_raise_bundle_errors_only(tmp_path):
     start = time.perf_counter()
     results = fuzz(CASES, seed=14, in_process=True, work=tmp_path)

@@ -176,6 +176,7 @@ def test_huge_layer_count_in_config_fails_fast(bundle_dir):
     assert time.perf_counter() - start < 5.0
 
 
+@pytest.mark.slow
 def test_huge_routing_tables_are_refused(bundle_dir):
     routes = [{"pattern": f"p{i}*", "rule": "default"} for i in range(100_000)]
     (bundle_dir / "optimizer" / "routing.json").write_text(json.dumps({"format_version": 1, "rules": ["default"], "routes": routes}))
@@ -289,6 +290,7 @@ def _save_forever(base, target):
         bundle.save_pretrained(target)
 
 
+@pytest.mark.slow
 def test_kill_during_saves_always_leaves_a_loadable_bundle(base, tmp_path):
     target = tmp_path / "b"
     shutil.copytree(base, target)
