@@ -163,6 +163,7 @@ class RecordingOptimizer(LearnedOptimizer):
         return super().step(closure)
 
 
+@pytest.mark.slow
 def test_gradient_clipping_happens_before_the_learned_step(tmp_path):
     model = digits_bert()
     optimizer = RecordingOptimizer(list(model.named_parameters()), load_rule("default"))

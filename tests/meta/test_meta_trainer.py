@@ -95,6 +95,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert torch.equal(U.flatten_rule(resumed), reference.theta)
 
 
+@pytest.mark.slow
 def test_mask_freezes_phi_and_outputs(tmp_path):
     trainer = MetaTrainer(tiny(tmp_path, trainable="last_layer", meta_steps=4, estimator="tbptt"))
     start = trainer.theta.clone()

@@ -105,6 +105,7 @@ def test_refinement_is_reproducible(tmp_path):
         assert torch.equal(value, phis[1][name]), name
 
 
+@pytest.mark.slow
 def test_plain_optimizer_is_rejected(tmp_path):
     with pytest.raises(TypeError, match="LearnedOptimizer"):
         _train(tmp_path, OnlineRefinementCallback(every=5, probe_steps=2), optimizer_cls=torch.optim.AdamW)

@@ -36,6 +36,7 @@ def test_default_rule_20_steps(default_rule, dtype, chunk_elements):
     _parity.run_parity(per_tensor(chunk_elements), config, default_rule, SHAPES, dtype, steps=20, lr=lr)
 
 
+@pytest.mark.slow
 def test_chunks_on_several_threads(default_rule):
     """Chunks of one tensor (and of one slice) processed concurrently: per-worker column accumulators."""
     _parity.run_parity(per_tensor(64, workers=3), default_rule.config, default_rule, SHAPES, torch.float32, 5, 1.0)

@@ -149,6 +149,7 @@ def test_non_finite_gradient_skips_that_tensor_only(default_rule, monkeypatch):
     assert_non_finite_gradient_skips_that_tensor_only(params, opt)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # exp overflows on purpose
 def test_non_finite_update_is_refused_after_the_check_pass(monkeypatch):
     """exp(1e4) overflows: the finiteness proof fails, the check pass finds inf, nothing is written."""

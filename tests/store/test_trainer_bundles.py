@@ -49,6 +49,7 @@ def test_checkpoints_and_the_final_save_are_bundles_and_resume_stays_exact(tmp_p
         assert torch.equal(value, dict(resumed_bundle.model.named_parameters())[name]), name
 
 
+@pytest.mark.slow
 def test_set_state_unwraps_accelerates_optimizer(tmp_path):
     bundle = Bundle(digits_bert(), load_rule("default"))
     trainer = make_trainer(tmp_path, 2, bundle, callback=False)

@@ -93,6 +93,7 @@ def test_an_lr_far_from_the_recommended_one_warns_once(caplog):
     assert any("multiplier" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["optimizers", "factory"])
 def test_gradient_accumulation_does_not_scale_gradients(tmp_path, path):
     """Without the user setting accepts_loss_kwargs, accumulation 2 × batch 16 sees the gradient of batch 32."""
