@@ -5,7 +5,7 @@
 #
 # 1. installs this checkout without dependencies or network (the machine's python3 must already have
 #    torch with CUDA, triton, transformers, safetensors, huggingface_hub, peft, accelerate),
-# 2. kernel parity on the real GPU: tests/test_kernels_cuda.py (compiled kernels vs the torch reference,
+# 2. kernel parity on the real GPU: tests/step/test_kernels_cuda.py (compiled kernels vs the torch reference,
 #    all shapes and dtypes, 20 steps; large shapes; the check path; dispatch) -> $OUT/gpu_parity.txt,
 # 3. the GPU benchmark: fused kernels and the torch path vs AdamW(fused=True), 1M … 1B parameters, one big
 #    matrix and a transformer's tensors -> $OUT/step_speed_cuda.md (and stdout).
@@ -38,7 +38,7 @@ $PY -c "import optbundle.kernels.learned_step as k; assert not k.interpreter_act
 
 status=0
 echo "== kernel parity on the GPU"
-timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py 2>&1 | tee "$OUT/gpu_parity.txt"
+timeout 420 $PY -m pytest -q -p no:cacheprovider tests/step/test_kernels_cuda.py 2>&1 | tee "$OUT/gpu_parity.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== step speed on the GPU"

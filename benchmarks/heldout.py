@@ -73,6 +73,7 @@ from optbundle.meta import unroll as U
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is already there
     sys.path.append(str(Path(__file__).resolve().parent))
 import heldout_tasks as HT  # noqa: E402
+import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
@@ -608,7 +609,7 @@ def with_ext(stem: Path, ext: str) -> Path:
 
 def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -> None:
     config = rule.config
-    with_ext(stem, ".json").write_text(json.dumps({
+    with_ext(stem, ".json").write_text(results_json.dumps({
         "rule": rule_label,
         "rule_output": config.output,
         "recommended_lr": getattr(config, "recommended_lr", None),
@@ -618,7 +619,7 @@ def write_outputs(results, rule, rule_label, args, stem: Path, seconds: float) -
         "threads": args.threads,
         "seconds": round(seconds, 1),
         "results": results,
-    }, separators=(",", ":")))  # compact: curves are long; the .md holds the readable table
+    }))  # compact: curves are long; the .md holds the readable table
     if not results:
         print("no task selected")
         return

@@ -21,7 +21,7 @@ first checkpoint was written leaves nothing to resume (Trainer raises "no valid 
 from scratch instead and are counted apart. The newest complete checkpoint left by the kill must also load with
 ``Bundle.from_pretrained``.
 
-Children are forked (as in tests/test_untrusted.py and tests/test_checkpoints.py) and each takes its own tqdm lock
+Children are forked (as in tests/store/test_untrusted.py and tests/store/test_checkpoints.py) and each takes its own tqdm lock
 (`helpers.private_tqdm_lock`): a child killed while holding the shared one would deadlock the parent.
 The table is printed and written to benchmarks/results/kill_trials.md.
 """

@@ -24,7 +24,6 @@ constant learning rates, LoRA weights and heads trained, base weights frozen.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -44,6 +43,8 @@ from optbundle.meta.refine import (
     token_data,
     with_lr_folded,
 )
+
+import results_json  # benchmarks/, the script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -236,7 +237,7 @@ def main() -> None:
         text = (f"# Refinement benchmark\n\nCommand: `python benchmarks/refine.py --settings {name}"
                 f"{' --quick' if args.quick else ''}`.\n\n" + table(result) + f"\n![curves]({stem.name}.png)\n")
         stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        stem.with_suffix(".json").write_text(results_json.dumps(result, default=str))
         plot(result, stem.with_suffix(".png"))
         print(text)
 

@@ -40,7 +40,7 @@ Bytes per element (fp32 parameter, default rule): pass 1 reads g, p, m₁₋₃,
 the apply pass reads the same 24 B and writes m, v, p (20 B). bf16 parameters/gradients save 4 B per read.
 
 In interpreter mode (``TRITON_INTERPRET=1`` set before ``triton`` is first imported) the kernels run on CPU
-tensors; tests/test_kernels.py checks them against the torch reference that way, and tests/_compile_kernels.py
+tensors; tests/step/test_kernels.py checks them against the torch reference that way, and tests/_compile_kernels.py
 compiles them for sm_90 without a GPU.
 """
 

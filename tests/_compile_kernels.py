@@ -3,7 +3,7 @@
 Run as a script (not collected by pytest): ``python tests/_compile_kernels.py [--bf16-only] [RULE ...]``. It runs the
 launcher on CPU tensors with each kernel's launch replaced by a recorder, then compiles each recorded
 launch with ``triton.compile`` for sm_90 (Hopper) through ptxas. Prints one line per kernel and exits
-non-zero on the first failure. tests/test_kernels.py runs it in a subprocess (it must not see
+non-zero on the first failure. tests/step/test_kernels.py runs it in a subprocess (it must not see
 ``TRITON_INTERPRET=1``).
 """
 

@@ -1,4 +1,4 @@
-"""Worker for test_meta_distributed.py: run a tiny recipe under torchrun and save this rank's θ."""
+"""Worker for meta/test_meta_distributed.py: run a tiny recipe under torchrun and save this rank's θ."""
 
 import sys
 from pathlib import Path

@@ -17,9 +17,39 @@ from __future__ import annotations
 
 import torch
 
+from optbundle import LearnedRule, RuleConfig, load_rule
 from optbundle.step import reference as F
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+#: Parameter shapes of the parity and optimizer tests, for every back end: scalar, vector, matrices (a 1×1 and
+#: a tall thin one), rank 3 and 4. Tests index (33, 65) as the third.
+SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3), (3, 40, 24)]
+
+#: Rule variants every back end is checked on (over all of `SHAPES`; see `run_variant`).
+RULE_VARIANTS = {
+    # small_fc_lopt's 39 features: row/column and Adafactor features, two hidden layers
+    "adam-init": lambda: load_rule("adam-init").config,
+    # one more per-tensor reduction (Σu²), relative steps, tanh
+    "normalized+param_scale+tanh": lambda: RuleConfig(
+        features=["grad", "momentum", "rsqrt_second_moment", "adafactor_grad", "row_second_moment", "time"],
+        hidden_sizes=[6, 5], activation="tanh", output="normalized", param_scale=True, step_mult=0.01, exp_mult=0.5,
+    ),
+    # Adam-anchored output with the adam feature; gelu (the kernels leave it to the torch path)
+    "adam_residual+gelu": lambda: RuleConfig(
+        features=["grad", "momentum", "adam_direction", "adafactor_momentum", "col_second_moment"],
+        hidden_sizes=[7], activation="gelu", output="adam_residual", magnitude_bound=2.0, step_mult=0.01,
+    ),
+    # the same with silu and hidden width ≥ 16 (the kernels' tl.dot path), no time features
+    "adam_residual+silu+wide": lambda: RuleConfig(
+        features=["grad", "momentum", "adam_direction", "adafactor_momentum", "col_second_moment"],
+        hidden_sizes=[20], activation="silu", output="adam_residual", magnitude_bound=2.0, step_mult=0.01,
+    ),
+    # row/column statistics only: no elementwise feature
+    "no elementwise features": lambda: RuleConfig(
+        features=["row_second_moment", "rsqrt_col_second_moment", "time"], hidden_sizes=[3], activation="silu"
+    ),
+}
 
 
 def weights_of(rule, dtype=torch.float32, device="cpu"):
@@ -104,8 +134,6 @@ def unprovable_rule():
     +10, −10, +10, −10, so it is exactly 0, while the bound ``|W|·max`` says 40 and ``exp(40·exp_mult)``
     with ``exp_mult = 5`` would overflow. Back ends must then check the update before writing it.
     """
-    from optbundle import LearnedRule, RuleConfig
-
     rule = LearnedRule(RuleConfig(hidden_sizes=[4], exp_mult=5.0, step_mult=1e-2))
     with torch.no_grad():
         first, last = rule.layers[0], rule.layers[-1]
@@ -114,3 +142,20 @@ def unprovable_rule():
         last.weight.copy_(torch.tensor([[0.5, -0.25, 0.25, 0.5], [10.0, -10.0, 10.0, -10.0]]))
         last.bias.copy_(torch.tensor([0.1, 0.0]))
     return rule
+
+
+def variant_rule(name: str) -> LearnedRule:
+    """The rule of ``RULE_VARIANTS[name]`` with doubled weights and random biases, so that every input matters."""
+    torch.manual_seed(1)
+    rule = LearnedRule(RULE_VARIANTS[name]())
+    with torch.no_grad():
+        for layer in rule.layers:
+            layer.weight.mul_(2.0)
+            layer.bias.normal_(0, 0.5)
+    return rule
+
+
+def run_variant(step_fn, name: str, device="cpu") -> None:
+    """`run_parity` of ``step_fn`` on the variant ``name``: every shape of `SHAPES`, fp32, 4 steps."""
+    rule = variant_rule(name)
+    run_parity(step_fn, rule.config, rule, SHAPES, torch.float32, steps=4, lr=3.0, device=device)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: real (scikit-learn digits) data as token sequences and tiny transformers models."""
+"""Shared test fixtures: real (scikit-learn digits) data as token sequences and tiny transformers models; parameters
+and gradients of the optimizer tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 from datasets import Dataset
 from sklearn.datasets import load_digits
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from _parity import SHAPES
 
 
 def digits_dataset(n: int = 512, offset: int = 0) -> Dataset:
@@ -41,7 +44,18 @@ def params_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads) -> None:
+def make_params(dtype=torch.float32, seed=0, shapes=SHAPES) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in shapes]
+
+
+def fill_grads(params, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
+def assert_non_finite_gradient_skips_that_tensor_only(params, opt) -> None:
     """Step ``opt`` once on finite gradients, then once with NaN in ``params[2]``'s gradient and inf in all of
     ``params[0]``'s: those two tensors and their state stay untouched and count one skipped step; the others step."""
     fill_grads(params, 0)

@@ -23,7 +23,7 @@
 
 Rounding follows the reference op by op where that is free (EMAs, output form, parameter update); sums and
 the first layer are regrouped, so results agree with `reference.learned_update` to fp32 rounding (tests:
-tests/test_fast_step.py, tolerances in tests/_parity.py).
+tests/step/test_fast_step.py, tolerances in tests/_parity.py).
 
 Threads: every op runs on one intra-op thread (`single_threaded_ops`): tens of thousands of small OpenMP
 regions per step stall whenever another process holds a core. Chunks are spread over a small thread pool

@@ -90,6 +90,7 @@ def parameters(model):
 # ---- push → pull ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_push_pull_round_trip_is_byte_identical_and_trains_identically(hub, tmp_path):
     bundle = trained_bundle()
     local = bundle.save_pretrained(tmp_path / "local")
@@ -163,6 +164,7 @@ def test_push_refuses_a_damaged_local_bundle(hub, tmp_path):
 # ---- revisions -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_revision_pinning_gets_the_old_version_exactly(hub, tmp_path):
     v1 = trained_bundle(seed=0, steps=2)
     first = v1.push_to_hub("alice/pinned")
@@ -192,6 +194,7 @@ def test_revision_pinning_gets_the_old_version_exactly(hub, tmp_path):
     assert read_json_file(pulled_v1 / MANIFEST_NAME) == json.loads(hub.files("alice/pinned", first.oid)[MANIFEST_NAME])
 
 
+@pytest.mark.slow
 def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
     """A push landing between resolving the revision and fetching the files must not mix versions."""
     trained_bundle(seed=0).push_to_hub("alice/race")
@@ -213,6 +216,7 @@ def test_files_are_fetched_at_the_one_resolved_commit(hub, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(v1_model.parameters(), loaded.model.parameters()))
 
 
+@pytest.mark.slow
 def test_push_to_a_branch(hub):
     bundle = trained_bundle()
     bundle.push_to_hub("alice/branches", private=True)
@@ -278,6 +282,7 @@ def test_a_manifest_path_escaping_the_repo_is_refused_before_download(hub):
 
 
 @pytest.mark.parametrize("failure", ["refuse", "interrupt"])
+@pytest.mark.slow
 def test_a_failed_commit_leaves_the_remote_repo_unchanged(hub, failure):
     trained_bundle(seed=0).push_to_hub("alice/fragile")
     head, files, commits = hub.head("alice/fragile"), hub.files("alice/fragile"), hub.commit_ids("alice/fragile")
@@ -368,6 +373,7 @@ def test_load_rule_keeps_typos_of_shipped_names_local(hub):
 # ---- offline -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_offline_reload_from_the_cache(hub, monkeypatch, tmp_path):
     v1 = trained_bundle(seed=0)
     first = v1.push_to_hub("alice/offline")
@@ -451,6 +457,7 @@ def test_card_seal_detects_edits():
     assert 'Bundle.from_pretrained("b/second")' in moved and is_generated_card(moved)
 
 
+@pytest.mark.slow
 def test_a_card_edited_on_the_hub_is_kept_unless_overwrite(hub):
     trained_bundle(seed=0).push_to_hub("alice/edited")
     v1_manifest = hub.files("alice/edited")[MANIFEST_NAME]
@@ -478,6 +485,7 @@ def test_a_generated_card_is_refreshed_on_re_push(hub):
 # ---- CLI -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_push_pull_inspect(hub, tmp_path, capsys):
     bundle = trained_bundle()
     folder = bundle.save_pretrained(tmp_path / "bundle")
@@ -522,6 +530,7 @@ def test_cli_push_pull_inspect(hub, tmp_path, capsys):
     assert json.loads(hub.files("alice/cli-rule")[MANIFEST_NAME])["kind"] == "rule"
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_program_against_hf_endpoint(hub, tmp_path):
     """The console entry point, configured only by the environment variables a user would set."""
     trained_bundle().push_to_hub("alice/env")

@@ -2,9 +2,9 @@
 
 Each of 20 steps compares the kernels with `features.learned_update` from identical inputs and continues from
 the kernels' outputs (tests/_parity.py states the tolerances: fp32 as accurate as the fp32 reference up to
-1e-5 of the step; bf16/fp16 within one unit of the dtype; accumulators rtol 1e-5). Shapes ``()``, ``(7,)``,
-``(33, 65)``, ``(4, 3, 5, 5)``, ``(1, 1)``, ``(257, 3)`` go through one launch per pass (two launch classes:
-factored and not), for fp32, bf16 and fp16, and mixed in one group.
+1e-5 of the step; bf16/fp16 within one unit of the dtype; accumulators rtol 1e-5). The shapes of
+``_parity.SHAPES`` go through one launch per pass (two launch classes: factored and not), for fp32, bf16 and
+fp16, and mixed in one group; the rule variants of ``_parity.RULE_VARIANTS`` the kernels serve, on the same shapes.
 
 ``test_a_wrong_constant_breaks_parity`` shows the checks can fail: a decay perturbed by 1e-4 (relative) or
 the step multiplier by 1e-3 inside the kernels is caught. tests/_compile_kernels.py (run here in a
@@ -29,19 +29,19 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from helpers import assert_non_finite_gradient_skips_that_tensor_only  # noqa: E402
+from helpers import assert_non_finite_gradient_skips_that_tensor_only, fill_grads, make_params  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
 from optbundle.step import reference as F  # noqa: E402
 from optbundle.step import optimizer as O  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 import _parity  # noqa: E402
-from _parity import ULP, weights_of  # noqa: E402
+from _parity import RULE_VARIANTS, SHAPES, ULP, weights_of  # noqa: E402
 
 if not K.interpreter_active():
     pytest.skip(
         "Triton's interpreter is off (a CUDA device is present, or triton was imported before TRITON_INTERPRET=1); "
-        "on a GPU run tests/test_kernels_cuda.py",
+        "on a GPU run tests/step/test_kernels_cuda.py",
         allow_module_level=True,
     )
 
@@ -75,7 +75,6 @@ def _memoize_interpreter_patching() -> None:
 
 _memoize_interpreter_patching()
 
-SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -87,11 +86,7 @@ def run_parity(config, rule, shapes, dtype, steps, lr, weight_decay=0.1, seed=0)
     _parity.run_parity(fused, config, rule, shapes, dtype, steps, lr, weight_decay, seed)
 
 
-@pytest.fixture(scope="module")
-def default_rule():
-    return load_rule("default-v2")  # the fast paths serve format-1 rules (format 2 runs on the reference)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_default_rule_all_shapes_in_one_launch_20_steps(default_rule, dtype):
     config = default_rule.config
@@ -99,35 +94,17 @@ def test_default_rule_all_shapes_in_one_launch_20_steps(default_rule, dtype):
     run_parity(config, default_rule, SHAPES, dtype, steps=20, lr=lr)
 
 
-RULE_VARIANTS = {
-    # small_fc_lopt's 39 features: row/column and Adafactor features, two hidden layers
-    "adam-init": lambda: load_rule("adam-init").config,
-    # one more per-tensor reduction (Σu²), relative steps, tanh
-    "normalized+param_scale+tanh": lambda: RuleConfig(
-        features=["grad", "momentum", "rsqrt_second_moment", "adafactor_grad", "row_second_moment", "time"],
-        hidden_sizes=[6, 5], activation="tanh", output="normalized", param_scale=True, step_mult=0.01, exp_mult=0.5,
-    ),
-    # Adam-anchored output with the adam feature, silu, hidden width ≥ 16 (tl.dot path), no time features
-    "adam_residual+silu+wide": lambda: RuleConfig(
-        features=["grad", "momentum", "adam_direction", "adafactor_momentum", "col_second_moment"],
-        hidden_sizes=[20], activation="silu", output="adam_residual", magnitude_bound=2.0, step_mult=0.01,
-    ),
-}
-
-
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked-out lanes may overflow exp in the interpreter
 @pytest.mark.parametrize("name", list(RULE_VARIANTS))
 def test_rule_variants(name):
-    torch.manual_seed(1)
-    config = RULE_VARIANTS[name]()
-    rule = LearnedRule(config)
-    with torch.no_grad():  # make every input matter
-        for layer in rule.layers:
-            layer.weight.mul_(2.0)
-            layer.bias.normal_(0, 0.5)
-    run_parity(config, rule, [(7,), (33, 65), (4, 3, 5, 5), (1, 1)], torch.float32, steps=4, lr=3.0)
+    reason = K.unsupported_reason(RULE_VARIANTS[name]())
+    if reason is not None:
+        pytest.skip(f"not served by the kernels ({reason}): LearnedOptimizer takes the torch path")
+    _parity.run_variant(fused, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "perturb",
     ["momentum decay", "step multiplier"],
@@ -154,17 +131,7 @@ def test_a_wrong_constant_breaks_parity(default_rule, monkeypatch, perturb):
 # ---- through LearnedOptimizer ------------------------------------------------------------------------
 
 
-def make_params(dtype=torch.float32, seed=0, shapes=SHAPES):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in shapes]
-
-
-def fill_grads(params, seed):
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
-
-
+@pytest.mark.slow
 def test_mixed_dtypes_in_one_group(default_rule):
     """fp32, bf16 and fp16 tensors (and bf16 parameters with fp32 gradients) stepped together."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16]
@@ -173,14 +140,16 @@ def test_mixed_dtypes_in_one_group(default_rule):
 
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, meeting the NaN on purpose
 def test_non_finite_gradient_skips_that_tensor_only(default_rule, monkeypatch):
     monkeypatch.setenv(O.BACKEND_ENV, "triton")
     params = make_params()
     opt = LearnedOptimizer(params, default_rule)
-    assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads)
+    assert_non_finite_gradient_skips_that_tensor_only(params, opt)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # exp overflows on purpose
 def test_non_finite_update_is_refused_after_the_check_pass(monkeypatch):
     """exp(1e4) overflows: the finiteness proof fails, the check pass finds inf, nothing is written."""
@@ -202,6 +171,7 @@ def test_non_finite_update_is_refused_after_the_check_pass(monkeypatch):
         assert torch.count_nonzero(opt.state[t]["momentum"]) == 0
 
 
+@pytest.mark.slow
 def test_check_pass_applies_a_finite_update_it_could_not_prove():
     """The finiteness proof fails (tests/_parity.py: `unprovable_rule`): phase 0 checks, phase 1 writes."""
     rule = _parity.unprovable_rule()
@@ -221,6 +191,7 @@ def layout(state_dict):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("torch", "triton"), ("triton", "torch")])
 def test_checkpoint_moves_between_backends(default_rule, monkeypatch, first, second):
     def fresh():  # (100, 90) is above SMALL_TENSOR: the torch back end's chunked path, not the reference
@@ -303,9 +274,10 @@ def test_unsupported_rule_falls_back_with_a_logged_reason(monkeypatch, caplog):
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """Every specialization of the default and adam-init rules compiles for sm_90 (ptxas), without a GPU."""
-    script = Path(__file__).with_name("_compile_kernels.py")
+    script = Path(__file__).resolve().parents[1] / "_compile_kernels.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(script), "--bf16-only", "default-v2", "adam-init"],

@@ -26,6 +26,7 @@ def _flat(rule):
     return U.flatten_rule(rule)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable", ["output_scale", "last_layer"])
 def test_phi_changes_only_where_the_mask_allows(tmp_path, trainable):
     bundle = _bundle()
@@ -57,6 +58,7 @@ def test_output_scale_mask_is_the_magnitude_row():
     assert torch.equal(U.flatten_rule(rule).bool(), mask.bool()), names
 
 
+@pytest.mark.slow
 def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
     data, held_out = digits_dataset(96), digits_dataset(48, offset=96)
     whole = _bundle().refine(data, held_out, out_dir=str(tmp_path / "whole"), **SMALL)
@@ -70,6 +72,7 @@ def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
         _bundle().refine(data, held_out, **dict(options, sigma=0.2, meta_steps=5))
 
 
+@pytest.mark.slow
 def test_provenance_links_to_parent_and_refined_bundle_loads_and_trains(tmp_path):
     bundle = _bundle()
     refined = bundle.refine(digits_dataset(96), dataset_name="digits-tokens", out_dir=str(tmp_path / "run"), **SMALL)
@@ -133,6 +136,7 @@ def test_bad_input_is_named(tmp_path):
     assert RefineConfig().trainable == "last_layer"
 
 
+@pytest.mark.slow
 def test_cli_refine_minilm_recipe(tmp_path, capsys):
     from optbundle.cli import main
 
@@ -169,6 +173,7 @@ def test_cli_refine_minilm_recipe(tmp_path, capsys):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", [True, False])
 def test_before_after_runs_show_a_progress_bar_unless_quiet(tmp_path, capsys, progress):
     refined = _bundle().refine(digits_dataset(64), out_dir=str(tmp_path / "run"), **dict(SMALL, meta_steps=1, progress=progress))

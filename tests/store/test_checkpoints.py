@@ -6,6 +6,7 @@ import shutil
 import signal
 import time
 
+import pytest
 import torch
 from helpers import digits_bert, digits_dataset, private_tqdm_lock, trainer_args
 from transformers import Trainer
@@ -25,6 +26,7 @@ def run(out, resume=None, max_steps=STEPS):
     return {n: p.detach().clone() for n, p in bundle.model.named_parameters()}, trainer
 
 
+@pytest.mark.slow
 def test_a_half_written_newest_checkpoint_is_skipped_on_resume(tmp_path):
     reference, _ = run(tmp_path / "a")
     out = tmp_path / "b"
@@ -46,6 +48,7 @@ def _train_until_killed(out):
     run(out, max_steps=10_000)
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_always_resumes(tmp_path):
     context = multiprocessing.get_context("fork")
     out = tmp_path / "run"

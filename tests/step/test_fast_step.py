@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import _parity
-from _parity import fresh_state, weights_of
+from _parity import RULE_VARIANTS, SHAPES, fresh_state, weights_of
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.step import fast_step
+from optbundle.step import vocabulary as V
 from optbundle.step import reference as F
-
-SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3), (3, 40, 24)]
 
 
 def per_tensor(chunk_elements, workers=1):
@@ -29,11 +28,7 @@ def per_tensor(chunk_elements, workers=1):
     return step
 
 
-@pytest.fixture(scope="module")
-def default_rule():
-    return load_rule("default-v2")  # the fast paths serve format-1 rules (format 2 runs on the reference)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_elements", [64, 1 << 15], ids=["many-chunks", "one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_default_rule_20_steps(default_rule, dtype, chunk_elements):
@@ -42,22 +37,7 @@ def test_default_rule_20_steps(default_rule, dtype, chunk_elements):
     _parity.run_parity(per_tensor(chunk_elements), config, default_rule, SHAPES, dtype, steps=20, lr=lr)
 
 
-RULES = {
-    "adam-init": lambda: load_rule("adam-init").config,
-    "normalized+param_scale+tanh": lambda: RuleConfig(
-        features=["grad", "momentum", "rsqrt_second_moment", "adafactor_grad", "row_second_moment", "time"],
-        hidden_sizes=[6, 5], activation="tanh", output="normalized", param_scale=True, step_mult=0.01, exp_mult=0.5,
-    ),
-    "adam_residual+gelu": lambda: RuleConfig(
-        features=["grad", "momentum", "adam_direction", "adafactor_momentum", "col_second_moment"],
-        hidden_sizes=[7], activation="gelu", output="adam_residual", magnitude_bound=2.0, step_mult=0.01,
-    ),
-    "no elementwise features": lambda: RuleConfig(
-        features=["row_second_moment", "rsqrt_col_second_moment", "time"], hidden_sizes=[3], activation="silu"
-    ),
-}
-
-
+@pytest.mark.slow
 def test_chunks_on_several_threads(default_rule):
     """Chunks of one tensor (and of one slice) processed concurrently: per-worker column accumulators."""
     _parity.run_parity(per_tensor(64, workers=3), default_rule.config, default_rule, SHAPES, torch.float32, 5, 1.0)
@@ -87,16 +67,9 @@ def test_optimizer_spreads_chunks_over_threads(default_rule):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("name", list(RULE_VARIANTS))
 def test_rule_variants(name):
-    torch.manual_seed(1)
-    config = RULES[name]()
-    rule = LearnedRule(config)
-    with torch.no_grad():
-        for layer in rule.layers:
-            layer.weight.mul_(2.0)
-            layer.bias.normal_(0, 0.5)
-    _parity.run_parity(per_tensor(100), config, rule, SHAPES, torch.float32, steps=5, lr=3.0)
+    _parity.run_variant(per_tensor(100), name)
 
 
 def test_staged_path_when_finiteness_cannot_be_proved(monkeypatch):
@@ -189,3 +162,15 @@ def test_small_tensors_take_the_reference_exactly(default_rule, monkeypatch):
             opt.step()
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_both_back_ends_prove_finiteness_with_the_same_bounds():
+    """The torch path and the Triton kernels write an update directly under the same conditions (else check it):
+    both read the bounds of `optbundle.step.vocabulary`."""
+    K = pytest.importorskip("optbundle.kernels.learned_step")
+    assert fast_step.surely_finite is V.surely_finite
+    assert (K._FINITE_BOUND.value, K._MAX_EXPONENT.value, K._MAX_GRADIENT_SQUARE_SUM.value) == (
+        V.FINITE_BOUND, V.MAX_EXPONENT, V.MAX_GRADIENT_SQUARE_SUM
+    )
+    assert V.surely_finite(0.5 * V.FINITE_BOUND) and not V.surely_finite(V.FINITE_BOUND)
+    assert V.FINITE_BOUND < torch.finfo(torch.float32).max

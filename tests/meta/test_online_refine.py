@@ -45,6 +45,7 @@ def _phi(rule):
     return {k: v.detach().clone() for k, v in rule.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_refinement_changes_only_the_last_layer(tmp_path):
     callback = OnlineRefinementCallback(every=5, probe_steps=2, trainable="last_layer", sigma=0.01, outer_lr=1e-3)
     before = _phi(load_rule("adam-init"))
@@ -75,6 +76,7 @@ def test_refinement_changes_only_the_last_layer(tmp_path):
     assert refined.provenance["probes"] == 2 and refined.provenance["trainable"] == "last_layer"
 
 
+@pytest.mark.slow
 def test_probe_does_not_disturb_training(tmp_path):
     plain, _, _ = _train(tmp_path / "plain")
     callback = OnlineRefinementCallback(every=5, probe_steps=2, outer_lr=0.0)
@@ -91,6 +93,7 @@ def test_probe_does_not_disturb_training(tmp_path):
     assert probed.training  # train/eval flags restored
 
 
+@pytest.mark.slow
 def test_refinement_is_reproducible(tmp_path):
     phis = []
     for run in ("a", "b"):
@@ -102,6 +105,7 @@ def test_refinement_is_reproducible(tmp_path):
         assert torch.equal(value, phis[1][name]), name
 
 
+@pytest.mark.slow
 def test_plain_optimizer_is_rejected(tmp_path):
     with pytest.raises(TypeError, match="LearnedOptimizer"):
         _train(tmp_path, OnlineRefinementCallback(every=5, probe_steps=2), optimizer_cls=torch.optim.AdamW)

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py, once under `torchrun --nproc_per_node=2` and once as a single process.
+"""Run by tests/apps/test_ddp.py, once under `torchrun --nproc_per_node=2` and once as a single process.
 
 Trains a tiny BERT on digits with the bundle's learned optimizer through transformers.Trainer. The dataset
 holds exactly one global batch, so every step sees the same examples whatever the number of processes, and
@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import digits_bert, digits_dataset, trainer_args  # tests/, this script's folder
+from safetensors.torch import save_file
+from transformers import Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import digits_bert, digits_dataset, trainer_args  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer  # noqa: E402
-
-from optbundle import Bundle, load_rule  # noqa: E402
+from optbundle import Bundle, load_rule
 
 GLOBAL_BATCH = 16
 

@@ -45,6 +45,7 @@ def lora_bundle(base_dir):
     return Bundle(model, {"default": load_rule("adam-init"), "lora_b": lora_b_rule}, routing=[("*lora_B*", "lora_b")])
 
 
+@pytest.mark.slow
 def test_lora_optimizer_covers_only_trainable_params_and_routes_rules(base_dir, tmp_path):
     bundle = lora_bundle(base_dir)
     optimizer, scheduler = bundle.optimizer(lr=10.0)
@@ -66,6 +67,7 @@ def test_lora_optimizer_covers_only_trainable_params_and_routes_rules(base_dir, 
             assert torch.equal(p, frozen_before[n]), n
 
 
+@pytest.mark.slow
 def test_adapter_bundle_keeps_peft_layout_and_continues(base_dir, tmp_path):
     bundle = lora_bundle(base_dir)
     optimizer, scheduler = bundle.optimizer(lr=3.0)
@@ -105,6 +107,7 @@ def test_adapter_bundle_keeps_peft_layout_and_continues(base_dir, tmp_path):
         Bundle.from_pretrained(path, base_model=digits_bert(hidden=48))
 
 
+@pytest.mark.slow
 def test_lora_resume_from_checkpoint_is_exact(base_dir, tmp_path):
     def run(out, resume=None):
         bundle = lora_bundle(base_dir)
@@ -120,6 +123,7 @@ def test_lora_resume_from_checkpoint_is_exact(base_dir, tmp_path):
         assert torch.equal(full[n], resumed[n]), n
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     def run(batch, accumulation):
         model = digits_bert()
@@ -159,6 +163,7 @@ class RecordingOptimizer(LearnedOptimizer):
         return super().step(closure)
 
 
+@pytest.mark.slow
 def test_gradient_clipping_happens_before_the_learned_step(tmp_path):
     model = digits_bert()
     optimizer = RecordingOptimizer(list(model.named_parameters()), load_rule("default"))
@@ -169,6 +174,7 @@ def test_gradient_clipping_happens_before_the_learned_step(tmp_path):
     assert max(optimizer.seen_norms) <= 0.05 * 1.001
 
 
+@pytest.mark.slow
 def test_bf16_parameters_train_with_fp32_accumulators(tmp_path):
     model = digits_bert().to(torch.bfloat16)
     bundle = Bundle(model, load_rule("adam-init"))

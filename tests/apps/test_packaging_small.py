@@ -10,7 +10,7 @@ from optbundle.cli import main
 def test_the_package_is_marked_typed():
     package = Path(importlib.util.find_spec("optbundle").submodule_search_locations[0])
     assert (package / "py.typed").is_file()
-    assert '"optbundle" = ["py.typed"]' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"optbundle" = ["py.typed"]' in (Path(__file__).parents[2] / "pyproject.toml").read_text()
 
 
 def test_inspect_accepts_shipped_rule_names(capsys):
@@ -28,7 +28,7 @@ def test_license_is_an_spdx_string_and_setuptools_does_not_warn(monkeypatch):
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     monkeypatch.chdir(root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from optbundle.files import load_safetensors_file
 from optbundle.meta import MetaTrainConfig, MetaTrainer, flatten_rule
 
-WORKER = Path(__file__).resolve().parent / "_meta_dist_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "_meta_dist_worker.py"
 
 RECIPE = dict(
     name="tiny-distributed",
@@ -39,6 +40,7 @@ def torchrun() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))

@@ -57,6 +57,7 @@ def tiny(tmp_path, **overrides):
     return MetaTrainConfig.from_dict(data)
 
 
+@pytest.mark.slow
 def test_resume_in_process_is_bit_identical(tmp_path):
     reference = MetaTrainer(tiny(tmp_path / "a"))
     reference.train()
@@ -73,6 +74,7 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     assert not torch.equal(reference.theta, U.flatten_rule(reference.parent)), "φ did not move"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "meta_steps": 14}))
@@ -93,6 +95,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert torch.equal(U.flatten_rule(resumed), reference.theta)
 
 
+@pytest.mark.slow
 def test_mask_freezes_phi_and_outputs(tmp_path):
     trainer = MetaTrainer(tiny(tmp_path, trainable="last_layer", meta_steps=4, estimator="tbptt"))
     start = trainer.theta.clone()
@@ -116,6 +119,7 @@ def test_es_estimator_runs_and_learns_direction(tmp_path):
     assert all(g.episode_step == 4 for g in trainer.groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
@@ -237,11 +241,8 @@ def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
 def test_default_is_default_v3_phi_with_the_shipped_settings_of_ship_settings():
     """"default" is default-v4: default-v3's φ bit for bit, with the settings of benchmarks/ship_settings.py."""
     import dataclasses
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ship_settings
+    import ship_settings  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
     rule, parent = load_rule("default"), load_rule("default-v3")
     assert rule.content_hash() == load_rule("default-v4").content_hash()

@@ -3,6 +3,7 @@
 
 import json
 
+import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
@@ -40,6 +41,7 @@ def test_token_data_takes_causal_lm_labels_and_iterable_datasets():
     assert classes.labels.dim() == 1 and len(classes) == 8
 
 
+@pytest.mark.slow
 def test_refine_takes_a_dataset_dict_with_named_splits_and_causal_lm_labels(tmp_path):
     bundle = Bundle(tiny_llama(), load_rule("adam-init"))
     splits = DatasetDict({"train": lm_rows(24), "validation": lm_rows(8, offset=300)})
@@ -61,6 +63,7 @@ def tiny_classifier_dir(path):
     return path
 
 
+@pytest.mark.slow
 def test_a_recipe_fine_tunes_on_a_json_lines_file_named_in_the_yaml(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))

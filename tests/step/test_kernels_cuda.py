@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import _parity  # noqa: E402
+from _parity import RULE_VARIANTS, SHAPES  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
 from optbundle.step import optimizer as O  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
@@ -23,7 +24,6 @@ if K.interpreter_active():
     pytest.skip("TRITON_INTERPRET=1 is set: run this file alone, without it", allow_module_level=True)
 
 CUDA = torch.device("cuda")
-SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3)]
 LARGE = [(1024, 4096), (3, 128, 512), (1 << 20,), (64, 64, 3, 3), (50_000, 17)]
 
 
@@ -46,6 +46,14 @@ def test_parity_small_shapes_20_steps(rule_name, dtype):
     rule = load_rule(rule_name)
     lr = 1.0 if rule.config.param_scale else 20.0
     on_cuda(fused)(rule.config, rule, SHAPES, dtype, 20, lr)
+
+
+@pytest.mark.parametrize("name", list(RULE_VARIANTS))
+def test_rule_variants(name):
+    reason = K.unsupported_reason(RULE_VARIANTS[name]())
+    if reason is not None:
+        pytest.skip(f"not served by the kernels ({reason}): LearnedOptimizer takes the torch path")
+    _parity.run_variant(fused, name, device=CUDA)
 
 
 @pytest.mark.parametrize("rule_name", ["default-v2", "adam-init"])

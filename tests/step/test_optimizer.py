@@ -5,21 +5,9 @@ import io
 import pytest
 import torch
 
-from helpers import assert_non_finite_gradient_skips_that_tensor_only
+from helpers import assert_non_finite_gradient_skips_that_tensor_only, fill_grads, make_params
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.step import reference as F
-
-
-def make_params(dtype=torch.float32):
-    torch.manual_seed(0)
-    shapes = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3)]
-    return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-
-
-def fill_grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +76,7 @@ def test_standard_scheduler_scales_the_step(rule):
 def test_non_finite_gradient_skips_that_tensor_only(rule):
     params = make_params()
     opt = LearnedOptimizer(params, rule)
-    assert_non_finite_gradient_skips_that_tensor_only(params, opt, fill_grads)
+    assert_non_finite_gradient_skips_that_tensor_only(params, opt)
 
 
 def test_non_finite_update_from_rule_is_refused():

@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_trainer.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "_ddp_trainer.py"
 
 
 def run(cmd, tmp_path, timeout=600):
@@ -26,6 +27,7 @@ def run(cmd, tmp_path, timeout=600):
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     run([str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path)], tmp_path)

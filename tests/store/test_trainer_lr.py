@@ -44,6 +44,7 @@ def expected_cosine(step):
     return PEAK * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["optimizers", "explicit", "factory"])
 def test_cosine_with_warmup_is_logged_and_changes_the_loss_curve(tmp_path, path):
     lrs, cosine_losses, trainer = run(tmp_path, path, "cosine")
@@ -60,6 +61,7 @@ def test_cosine_with_warmup_is_logged_and_changes_the_loss_curve(tmp_path, path)
     assert max(abs(a - b) for a, b in zip(cosine_losses[1:], constant_losses[1:])) > 1e-3, (cosine_losses, constant_losses)
 
 
+@pytest.mark.slow
 def test_trainer_and_explicit_schedules_give_the_same_run(tmp_path):
     lrs_a, losses_a, _ = run(tmp_path / "a", "optimizers", "cosine")
     lrs_b, losses_b, _ = run(tmp_path / "b", "explicit", "cosine")
@@ -91,6 +93,7 @@ def test_an_lr_far_from_the_recommended_one_warns_once(caplog):
     assert any("multiplier" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["optimizers", "factory"])
 def test_gradient_accumulation_does_not_scale_gradients(tmp_path, path):
     """Without the user setting accepts_loss_kwargs, accumulation 2 × batch 16 sees the gradient of batch 32."""

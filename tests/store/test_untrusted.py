@@ -9,9 +9,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +30,7 @@ from optbundle.files import (
     staging_directory,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_bundles import make_base_bundle, rewrite_manifest  # noqa: E402
+from fuzz_bundles import make_base_bundle, rewrite_manifest  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 LOADERS = [Bundle.from_pretrained, LearnedRule.from_pretrained, load_rule]
 
@@ -179,6 +176,7 @@ def test_huge_layer_count_in_config_fails_fast(bundle_dir):
     assert time.perf_counter() - start < 5.0
 
 
+@pytest.mark.slow
 def test_huge_routing_tables_are_refused(bundle_dir):
     routes = [{"pattern": f"p{i}*", "rule": "default"} for i in range(100_000)]
     (bundle_dir / "optimizer" / "routing.json").write_text(json.dumps({"format_version": 1, "rules": ["default"], "routes": routes}))
@@ -292,6 +290,7 @@ def _save_forever(base, target):
         bundle.save_pretrained(target)
 
 
+@pytest.mark.slow
 def test_kill_during_saves_always_leaves_a_loadable_bundle(base, tmp_path):
     target = tmp_path / "b"
     shutil.copytree(base, target)

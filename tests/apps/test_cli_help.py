@@ -12,6 +12,7 @@ from optbundle.cli import SUBCOMMANDS
 SCRIPT = Path(sys.executable).with_name("optbundle")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 @pytest.mark.parametrize("entry", ["module", "script"])
 def test_every_subcommand_has_help(name, entry):

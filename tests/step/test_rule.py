@@ -107,6 +107,7 @@ def adam_reference_step(params, grads_seq, lr=1e-3):
     return [p.detach() - b for p, b in zip(params, before)], before
 
 
+@pytest.mark.slow
 def test_adam_init_imitates_adam_on_random_problems():
     """On a real training trajectory (an MLP on random data, trained by Adam) the learned rule's step from the
     same accumulators has cosine similarity > 0.99 with Adam's step, per tensor, at many points in time."""

@@ -294,6 +294,7 @@ def test_conv_task_matches_a_torch_conv_net_per_copy():
     }
 
 
+@pytest.mark.slow
 def test_finetune_episode_starts_from_cached_pretrained_body(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTBUNDLE_CACHE", str(tmp_path))
     spec = dict(family="mlp", dataset="digits8", hidden=[16], activation="relu", batch_size=32,

@@ -11,6 +11,7 @@ from optbundle.cli import main
 from optbundle.apps.finetune import load_recipe
 
 
+@pytest.mark.slow
 def test_minilm_recipe_runs_offline_and_writes_table_plot_and_bundle(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_recipe_rejects_a_dataset_that_does_not_fit_the_task(tmp_path):
         build_datasets(recipe.data, recipe.model, load_tokenizer(recipe.model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quiet", [False, True])
 def test_runs_are_labelled_counted_by_a_bar_and_the_load_report_prints_once(tmp_path, capsys, monkeypatch, quiet):
     import logging

@@ -13,6 +13,7 @@ from helpers import digits_dataset, params_of as final_params, trainer_args
 from optbundle import Bundle, LearnedOptimizer, load_rule
 
 
+@pytest.mark.slow
 def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     bundle = Bundle(digits_model(), load_rule("default"))
     optimizer, scheduler = bundle.optimizer()  # the default rule as shipped: its own lr for a fresh model
@@ -31,6 +32,7 @@ def test_trainer_fine_tunes_with_the_learned_optimizer(tmp_path):
     assert int(loaded.optimizer()[0].state[loaded.model.classifier.weight]["step"]) == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["optimizers", "factory"])
 def test_resume_from_trainer_checkpoint_is_exact(tmp_path, path):
     def run(out, resume=None):

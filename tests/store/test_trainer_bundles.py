@@ -27,6 +27,7 @@ def step_of(bundle):
     return int(bundle.optimizer()[0].state[bundle.model.classifier.weight]["step"])
 
 
+@pytest.mark.slow
 def test_checkpoints_and_the_final_save_are_bundles_and_resume_stays_exact(tmp_path):
     bundle = Bundle(digits_bert(), load_rule("default"))
     trainer = make_trainer(tmp_path / "run", 6, bundle, save_strategy="steps", save_steps=3)
@@ -48,6 +49,7 @@ def test_checkpoints_and_the_final_save_are_bundles_and_resume_stays_exact(tmp_p
         assert torch.equal(value, dict(resumed_bundle.model.named_parameters())[name]), name
 
 
+@pytest.mark.slow
 def test_set_state_unwraps_accelerates_optimizer(tmp_path):
     bundle = Bundle(digits_bert(), load_rule("default"))
     trainer = make_trainer(tmp_path, 2, bundle, callback=False)
@@ -57,6 +59,7 @@ def test_set_state_unwraps_accelerates_optimizer(tmp_path):
     assert int(bundle.state["classifier.weight"]["step"]) == 2
 
 
+@pytest.mark.slow
 def test_trainer_push_to_hub_pushes_a_verified_bundle_with_a_card(hub, tmp_path):
     bundle = Bundle(digits_bert(), load_rule("default"))
     trainer = make_trainer(tmp_path / "out", 4, bundle, hub_model_id="me/digits", eval_strategy="no")
@@ -86,6 +89,7 @@ def test_trainer_push_to_hub_pushes_a_verified_bundle_with_a_card(hub, tmp_path)
     assert torch.equal(Bundle.from_pretrained("me/digits").model.classifier.bias, bundle.model.classifier.bias)
 
 
+@pytest.mark.slow
 def test_save_and_push_take_transformers_arguments(hub, tmp_path):
     bundle = Bundle(digits_bert(), load_rule("default"))
     trainer = make_trainer(tmp_path / "run", 2, bundle, callback=False)

@@ -1,7 +1,8 @@
 """The torch reference of the learned step against an independent, plainly written implementation.
 
-The plain version below loops over coordinates with Python floats (float64), writing each formula of
-DESIGN.md §3 directly: no broadcasting, no folding of the normalization into φ, no shared helpers.
+The plain version below loops over coordinates with Python floats (float64), writing each formula of the
+README's "The learned step" and of `optbundle.features`' docstring directly: no broadcasting, no folding of the
+normalization into φ, no shared helpers.
 """
 
 import math
