@@ -167,7 +167,7 @@ def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
     momenta, v_new = _accumulators(c, g, m, v)
     columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
     sums = torch.stack([(x * x).sum() for x in columns])
-    maxima = torch.stack([x.abs().amax() for x in columns])
+    maxima = torch.sqrt(sums)  # max|x| ≤ √Σx²: a looser bound than max|x| but free
     numel = p.numel()
     lookahead = _lookahead(c, momenta, g)
     unit = torch.rsqrt((lookahead * lookahead).sum() / numel + 1e-30)
@@ -185,8 +185,9 @@ def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
     if spec.orthogonal:
         step_max = scale * c.matrix_rms * math.sqrt(numel)
     else:
-        step_max = scale * (_adam(c, momenta, v_new, bc1, bc2).abs().amax() + bound[0])
-    new_max = p32.abs().amax() * (1 + lr * c.step_mult * hyper[1]) + lr * step_max
+        adam = _adam(c, momenta, v_new, bc1, bc2)
+        step_max = scale * (torch.sqrt((adam * adam).sum()) + bound[0])
+    new_max = torch.sqrt((p32 * p32).sum()) * (1 + lr * c.step_mult * hyper[1]) + lr * step_max
     limit = 0.25 * torch.finfo(p.dtype if p.dtype != torch.float64 else torch.float32).max
     ok = (new_max < limit) & ((g * g).sum() < limit) & (bound.amax() < 1e30) & torch.isfinite(sums).all()
     scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit])
@@ -206,9 +207,19 @@ def _write_param(p, p32, new32):
         p.copy_(new32.to(p.dtype))
 
 
-def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, *rest):
+def _step(spec: _Spec, p, g, v, step, hyper, out, *rest):
+    """Both passes in one compiled call (inductor emits the reduction loop, then the apply loop). Every write
+    keeps the old value unless the plan's proof holds, so an unproved tensor is left exactly as it was.
+    Returns ``[proof, mean φ magnitude, lr of this step]``."""
+    plan = _reduce(spec, p, g, v, step, hyper, *rest)
+    n_plain = spec.config.num_inputs - spec.config.num_time_inputs
+    ok = plan[n_plain + _OK] > 0
+    return torch.cat([plan[n_plain + _OK:][:1], _apply(spec, p, g, v, step, hyper, plan, out, ok, *rest)])
+
+
+def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, ok, *rest):
     """Pass 2: writes momenta, second moment, step and the parameter (elementwise form) or the Newton–Schulz
-    input ``out`` (orthogonalized form). Returns ``[mean φ magnitude, lr of this step]``."""
+    input ``out`` (orthogonalized form), each only where ``ok``. Returns ``[mean φ magnitude, lr of this step]``."""
     c = spec.config
     m, weights = _split(c, rest)
     p32, g = p.to(torch.float32), g.to(torch.float32)
@@ -222,24 +233,25 @@ def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, *rest):
     columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
     direction, magnitude = _phi(c, columns, w, b, weights[1:])
     if spec.orthogonal:
-        out.copy_(_lookahead(c, momenta, g) * scalars[_UNIT] + direction)
+        out.copy_(torch.where(ok, _lookahead(c, momenta, g) * scalars[_UNIT] + direction, 0.0))
         mean_magnitude = magnitude.sum() / p.numel()
     else:
         scale = torch.exp(c.magnitude_bound * torch.tanh(magnitude))
         u = c.step_mult * scale * (_adam(c, momenta, v_new, bc1, bc2) + direction) * hyper[2]
         new32 = p32 - lr * u - lr * (c.step_mult * hyper[1]) * p32
-        _write_param(p, p32, new32)
+        _write_param(p, p32, torch.where(ok, new32, p32))
         mean_magnitude = magnitude.new_zeros(())
     for m_k, new in zip(m, momenta):  # one 1-D tensor per momentum: written in place, no staging copy
-        m_k.copy_(new)
-    v.copy_(v_new)
-    step.add_(1)
+        m_k.copy_(torch.where(ok, new, m_k))
+    v.copy_(torch.where(ok, v_new, v))
+    step.add_(ok.to(step.dtype))
     return torch.stack([mean_magnitude, lr])
 
 
 # ---- compiled kernels ---------------------------------------------------------------------------------
 
-_KERNELS: dict = {}
+_KERNELS: dict = {}  # by (pass, rule config JSON, form, compiled)
+_BY_ID: dict = {}  # the same by the config's identity (its JSON costs more than a small tensor's step)
 #: Keep per-element intermediates (new momenta, features, φ's units) in registers: inductor would otherwise
 #: write a value read by several ops to memory and split the pass into several loops.
 _INDUCTOR = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 10000, "max_fusion_size": 1000,
@@ -248,9 +260,13 @@ _UNUSED = torch.empty(1)  # the ``out`` argument of the elementwise form
 
 
 def _kernel(name: str, spec: _Spec):
+    fast_key = (name, id(spec.config), spec.orthogonal, COMPILE)
+    hit = _BY_ID.get(fast_key)
+    if hit is not None and hit[0] is spec.config:
+        return hit[1]
     key = (name, spec.config.to_json(), spec.orthogonal, COMPILE)
     if key not in _KERNELS:
-        fn = {"reduce": _reduce, "apply": _apply}[name]
+        fn = {"step": _step}[name]
 
         def kernel(*args):
             return fn(spec, *args)
@@ -259,6 +275,9 @@ def _kernel(name: str, spec: _Spec):
         kernel = types.FunctionType(kernel.__code__.replace(), kernel.__globals__, f"{name}_{len(_KERNELS)}",
                                     None, kernel.__closure__)
         _KERNELS[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=_INDUCTOR) if COMPILE else kernel
+    if len(_BY_ID) > 256:
+        _BY_ID.clear()
+    _BY_ID[fast_key] = (spec.config, _KERNELS[key])
     return _KERNELS[key]
 
 
@@ -299,8 +318,7 @@ def fused_step_(
     """
     flat_weights = [t for layer in weights for t in layer]
     rest: list[torch.Tensor] = []
-    matrices: dict[tuple[int, int], list] = {}  # (rows, cols) → [(param, hyper, info, slot)]
-    planned = []
+    matrices: dict[tuple[int, int], list] = {}  # (rows, cols) → [(param, hyper, args, tail)]
     for param, state, role in zip(params, states, roles):
         shape = tuple(param.shape)
         spec = _Spec(config, config.output == "hybrid_residual" and is_orthogonalized(config, role, shape))
@@ -309,27 +327,24 @@ def fused_step_(
         momenta = _flat(state["momentum"], state["momentum"].shape[0], -1)
         args = (_flat(param, -1), _flat(param.grad, -1), _flat(state["second_moment"], -1), state["step"], hyper)
         tail = (*(m.detach() for m in momenta.unbind(0)), *flat_weights)
-        reduced = _call("reduce", spec, *args, *tail)
-        if reduced is None or reduced[config.num_inputs - config.num_time_inputs + _OK].item() != 1.0:
-            rest.append(param)
+        if not spec.orthogonal:
+            info = _call("step", spec, *args, _UNUSED, *tail)
+            if info is None or info[0].item() != 1.0:
+                rest.append(param)
             continue
-        planned.append((param, spec, args, reduced, tail))
-    for param, spec, args, reduced, tail in planned:
-        if spec.orthogonal:
-            rows = param.shape[0]
-            matrices.setdefault((rows, param.numel() // rows), []).append((param, spec, args, reduced, tail))
-            continue
-        if _call("apply", spec, *args, reduced, _UNUSED, *tail) is None:
-            rest.append(param)
+        rows = param.shape[0]
+        group = matrices.setdefault((rows, param.numel() // rows), [])
+        group.append((param, hyper, args, tail))
     for (rows, cols), group in matrices.items():
         batch = torch.empty((len(group), rows, cols))
         done = []
-        for index, (param, spec, args, reduced, tail) in enumerate(group):
-            info = _call("apply", spec, *args, reduced, _flat(batch[index], -1), *tail)
-            if info is None:
+        for index, (param, hyper, args, tail) in enumerate(group):
+            spec = _Spec(config, True)
+            info = _call("step", spec, *args, _flat(batch[index], -1), *tail)
+            if info is None or info[0].item() != 1.0:
                 rest.append(param)
             else:
-                done.append((index, param, args[4], info))
+                done.append((index, param, hyper, info[1:]))
         if not done:
             continue
         ortho = F.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
