@@ -1,24 +1,24 @@
-"""Fused CPU back end of the learned step: `features.learned_update`'s math as `torch.compile`d passes.
+"""Fused CPU back end of the learned step: `features.learned_update`'s math as one `torch.compile`d call per tensor.
 
 For format-2 rules whose features are elementwise (grad, param, momenta, second moment, their ratios, Adam's
 direction, time; no factored statistics) and whose output is ``hybrid_residual`` or ``adam_residual``, which
-includes the shipped default. Per tensor (flattened; shapes are dynamic, so one compile per rule, parameter
-dtype and pass serves every size):
+includes the shipped default. Per tensor (flattened; shapes are dynamic, so one compile per rule, step form and
+parameter dtype serves every size), one call that inductor turns into one C++ loop nest:
 
-1. **reduce** (reads, writes nothing): the new momenta and second moment, every feature's Σx² and max|x|, the
-   look-ahead's Σx² (orthogonalized tensors), and a **finiteness proof**: feature maxima pushed through |W|
-   bound the step and the new parameter. No feature column is written to memory.
-2. **apply**: per element again, features → φ (unrolled: the MLP is a few dozen multiply-adds per element)
-   → output form; writes accumulators, step count and parameter in place. For orthogonalized matrices it
-   writes the Newton–Schulz input ``unit(look-ahead) + direction`` instead and returns φ's mean magnitude;
-   same-shaped matrices are then orthogonalized together (one batched `features.newton_schulz`) and the
-   parameter update applied.
+1. **reduce** (writes nothing): the new momenta and second moment, every feature's Σx², the look-ahead's Σx²
+   (orthogonalized tensors), φ's first layer with the normalizers and the time features folded in, and a
+   **finiteness proof**: ``|x| ≤ √Σx²`` per feature pushed through ``|W|`` bounds the step and the new parameter.
+2. **apply**: per element again, features → φ (unrolled: a few dozen multiply-adds per element) → output
+   form; writes accumulators, step count and parameter in place, each write keeping the old value unless the
+   proof holds. No feature column is written to memory. For orthogonalized matrices it writes the
+   Newton–Schulz input ``unit(look-ahead) + direction`` instead and returns φ's mean magnitude; same-shaped
+   matrices are then orthogonalized together (one batched `features.newton_schulz`) and the parameter updated.
 
-A tensor this path does not prove finite (non-finite or huge gradient or parameter, a step that could
-overflow), too small (< 2 elements), non-contiguous or not floating point is handed back to the caller for the
-reference back end, which skips and counts it exactly as before. When compilation fails the reason is logged
-once and every tensor is handed back. Inductor caches compiled code on disk (``TORCHINDUCTOR_CACHE_DIR``,
-default under the temp dir), so later processes skip most of the compile time.
+A tensor the proof does not cover (non-finite or huge gradient or parameter, a step that could overflow) is
+left untouched and handed back, as are tensors it does not take (< 2 elements, non-contiguous, not CPU); the
+caller steps those with the reference back end, which skips and counts non-finite ones exactly as before. When
+compilation fails the reason is logged once and every tensor is handed back. Inductor caches compiled code on
+disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir), so later processes skip most of the compile.
 
 Results agree with `features.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
 tests/test_fused_step.py.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ DEFAULT_MIN_NUMEL = 1 << 14
 #: Whether kernels go through `torch.compile` (tests set False to check the same math eagerly).
 COMPILE = True
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: Wall time spent in Newton–Schulz so far (benchmarks read the share of it in a step).
+NEWTON_SCHULZ_SECONDS = [0.0]
 _FAILED: list[str] = []  # the compile error, once one happened: every later call hands tensors back
 
 
@@ -347,7 +350,9 @@ def fused_step_(
                 done.append((index, param, hyper, info[1:]))
         if not done:
             continue
+        start = time.perf_counter()
         ortho = F.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
+        NEWTON_SCHULZ_SECONDS[0] += time.perf_counter() - start
         for o, (_, param, hyper, info) in zip(ortho, done):
             mean_magnitude, step_lr = float(info[0]), float(info[1])
             multiplier = float(hyper[2])

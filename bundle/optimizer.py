@@ -229,6 +229,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         backend = select_backend(device)
         if backend in ("torch", "fused") and device.type == "cpu" and fused_step.unsupported_reason(config) is None:
             params = self._step_fused(params, config, weights, lr, weight_decay, everything=backend == "fused")
+            if backend == "fused" or config.output == "hybrid_residual":
+                backend = "reference"  # for what it leaves: small, unproved or unsupported tensors
         elif backend == "fused":
             _log_once("rule not supported by the fused back end (%s); using the torch path",
                       fused_step.unsupported_reason(config))
