@@ -190,7 +190,7 @@ def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
     else:
         adam = _adam(c, momenta, v_new, bc1, bc2)
         step_max = scale * (torch.sqrt((adam * adam).sum()) + bound[0])
-    new_max = torch.sqrt((p32 * p32).sum()) * (1 + lr * c.step_mult * hyper[1]) + lr * step_max
+    new_max = p32.abs().amax() * (1 + lr * c.step_mult * hyper[1]) + lr * step_max  # (fp16: √Σp² too loose)
     limit = 0.25 * torch.finfo(p.dtype if p.dtype != torch.float64 else torch.float32).max
     ok = (new_max < limit) & ((g * g).sum() < limit) & (bound.amax() < 1e30) & torch.isfinite(sums).all()
     scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit])
