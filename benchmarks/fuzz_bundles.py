@@ -88,7 +88,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def rewrite_manifest(directory: Path) -> None:
     """Make bundle.json match the (damaged) files, as an attacker who edits a bundle would."""
-    from optbundle.format import MANIFEST_NAME, build_manifest
+    from optbundle.files import MANIFEST_NAME, build_manifest
 
     try:
         old = json.loads((directory / MANIFEST_NAME).read_text())

@@ -20,12 +20,12 @@ optimizer; stacked tasks run all seeds as copies of one batched model, nn.Module
 pretrained weights before every run, see `heldout_tasks.py`):
 
 - the rule as shipped, no tuning: stacked tasks through `optbundle.meta.unroll.inner_step` (the rule's
-  recommended "scratch" lr, parameter roles from `optbundle.roles.assign_roles`); nn.Module tasks through
+  recommended "scratch" lr, parameter roles from `optbundle.step.roles.assign_roles`); nn.Module tasks through
   ``opt, sched = Bundle(model, rule).optimizer()`` with no arguments (regime detected from the model, the rule's
   recommended lr for it, the rule's default weight decay), ``sched.step()`` after every step;
 - AdamW (weight decay 0.01) at each lr of the task's 5-value log-spaced sweep (``lrs``);
 - Muon: ``torch.optim.Muon`` (``adjust_lr_fn="match_rms_adamw"``, momentum 0.95 Nesterov, 5 Newton–Schulz
-  steps) on the tensors whose role (`optbundle.roles`) is "matrix" (hidden weight matrices; conv kernels
+  steps) on the tensors whose role (`optbundle.step.roles`) is "matrix" (hidden weight matrices; conv kernels
   viewed as ``out × in·k·k``) or "adapter" (LoRA A/B: without them Muon would equal AdamW on LoRA tasks), and
   ``torch.optim.AdamW`` on every other tensor (biases, norms, embeddings, output heads/classifiers), both at
   the same lr and weight decay 0.01, over the same 5 lrs. Muon takes 2-D tensors only: in stacked tasks every
@@ -64,8 +64,8 @@ from typing import Any
 import torch
 
 from optbundle import Bundle, LearnedRule, load_rule
-from optbundle import features as F
-from optbundle.bundle import model_roles
+from optbundle.step import reference
+from optbundle.store.bundle import model_roles
 from optbundle.meta import data as D
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U
@@ -327,7 +327,7 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
     else:
         rule: LearnedRule = value
         weights = [(w.detach(), b.detach()) for w, b in rule.weights]
-        state = {k: F.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
+        state = {k: reference.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
         for step in range(steps):
             if step % eval_every == 0:
                 evaluate(params)

@@ -15,7 +15,7 @@ Tasks:
   pooler and the head train; the frozen bottom's output is computed once (mathematically the same fine-tune);
 - `MiniLMFullFineTune`: the same model, every parameter trains (whole model run at each step);
 - `MiniLMLoRA`: PEFT LoRA r=8 on query/value + trainable head (``modules_to_save``) on a sentiment set;
-- `SmolLM2LoRA`: SmolLM2-135M-Instruct (dequantized GGUF, cached by `optbundle.assets.smollm2_path`) with LoRA
+- `SmolLM2LoRA`: SmolLM2-135M-Instruct (dequantized GGUF, cached by `optbundle.store.assets.smollm2_path`) with LoRA
   r=8 on q_proj/v_proj, causal LM on held-out Shakespeare (tragedies).
 
 Classification batches are padded to their longest message only (dynamic padding: with the attention mask
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optbundle import assets
+from optbundle.store import assets
 from optbundle.meta import data as D
 
 Batch = tuple[torch.Tensor, ...]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from optbundle import features as F
+from optbundle.step import reference
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U
 from optbundle.meta.trainer import initial_rule, load_recipe
@@ -28,7 +28,7 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2]
 def run_rule(task, rule, lr: float, steps: int, seeds: int) -> float:
     generator = torch.Generator().manual_seed(0)
     params = task.init_params(generator, seeds)
-    state = {k: F.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
+    state = {k: reference.init_state(rule.config, v.shape[1:], batch_shape=(seeds,)) for k, v in params.items()}
     weights = [(w.detach(), b.detach()) for w, b in rule.weights]
     roles = U.task_roles(task, params)
     for _ in range(steps):
@@ -40,7 +40,7 @@ def run_rule(task, rule, lr: float, steps: int, seeds: int) -> float:
             grads = torch.autograd.grad(losses.sum(), leaves)
         with torch.no_grad():
             for name, grad in zip(names, grads):
-                params[name], state[name] = F.learned_update(
+                params[name], state[name] = reference.learned_update(
                     rule.config, weights, params[name], grad, state[name], lr=lr, batch_dims=1, role=roles[name]
                 )
     return float(losses.detach().mean())

@@ -51,8 +51,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from optbundle import Bundle, load_rule  # noqa: E402
-from optbundle.checkpoints import ResumableCheckpointsCallback, last_complete_checkpoint  # noqa: E402
-from optbundle.trainer import BundleCallback  # noqa: E402
+from optbundle.store.checkpoints import ResumableCheckpointsCallback, last_complete_checkpoint  # noqa: E402
+from optbundle.store.trainer import BundleCallback  # noqa: E402
 
 CONTEXT = multiprocessing.get_context("fork")
 

@@ -4,7 +4,7 @@
 
 Work: ``T`` task instances (MLP 64-32-10 on digits 8x8, batch 64) × 2 antithetic copies, each copy with its
 own perturbed φ of the default recipe's rule config, advanced ``--steps`` inner steps (loss, gradient,
-learned step). "vectorized" advances all copies at once (stacked weights, one `features.learned_update`
+learned step). "vectorized" advances all copies at once (stacked weights, one `reference.learned_update`
 call per parameter tensor with ``batch_dims=1``); "loop" runs the identical math one copy at a time (copy
 tensors of leading size 1) in a Python loop. Reports inner copy-steps per second (one copy advanced one
 step) and writes ``benchmarks/results/meta_throughput.md``.
@@ -36,9 +36,9 @@ def setup(instances: int):
     params = {k: torch.cat([v, v]) for k, v in task.init_params(gen, instances).items()}
     epsilon = 0.01 * torch.randn(instances, theta.numel(), generator=gen)
     weights = U.unflatten_weights(rule.config, theta + torch.cat([epsilon, -epsilon]))
-    from optbundle import features as F
+    from optbundle.step import reference
 
-    state = {k: F.init_state(rule.config, v.shape[1:], batch_shape=(copies,)) for k, v in params.items()}
+    state = {k: reference.init_state(rule.config, v.shape[1:], batch_shape=(copies,)) for k, v in params.items()}
     return rule.config, task, gen, params, weights, state
 
 

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from optbundle import Bundle, load_rule
-from optbundle import assets
-from optbundle.finetune import build_datasets, load_model, load_tokenizer
-from optbundle.refine import (
+from optbundle.store import assets
+from optbundle.apps.finetune import build_datasets, load_model, load_tokenizer
+from optbundle.meta.refine import (
     adamw_factory,
     finetune_curve,
     learned_optimizer_factory,

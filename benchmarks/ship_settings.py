@@ -1,6 +1,6 @@
 """Ship a rule with new shipped settings (recommended lr per regime, role multipliers) and the same φ.
 
-    python benchmarks/ship_settings.py                     # bundle/pretrained/default-v4 from default-v3
+    python benchmarks/ship_settings.py                     # bundle/store/pretrained/default-v4 from default-v3
     python benchmarks/ship_settings.py --variants /tmp/v   # the variants tried on the dev suite, as rule folders
 
 A rule's φ and its shipped settings are separate decisions: φ is meta-trained (recipes/meta-train-default.yaml),
@@ -26,8 +26,7 @@ import dataclasses
 from pathlib import Path
 
 from optbundle import LearnedRule, load_rule
-
-PRETRAINED = Path(__file__).resolve().parents[1] / "bundle" / "pretrained"
+from optbundle.store.pretrained import PRETRAINED_DIR as PRETRAINED
 
 SETTINGS = {
     "default-v4": dict(
@@ -114,7 +113,7 @@ def ship(name: str, out: Path) -> LearnedRule:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="default-v4", choices=sorted(SETTINGS))
-    parser.add_argument("--out", type=Path, default=None, help="default: bundle/pretrained/NAME")
+    parser.add_argument("--out", type=Path, default=None, help="default: bundle/store/pretrained/NAME")
     parser.add_argument("--variants", type=Path, default=None, help="write the dev-suite variants here instead")
     args = parser.parse_args()
     if args.variants:

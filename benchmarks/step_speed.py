@@ -13,7 +13,7 @@ for the shipped default, or ``--backends``; on CUDA the fused Triton kernels, an
 them so that load from other processes hits all alike, and reports medians. For rules that orthogonalize
 matrices it also reports the time spent in Newton–Schulz inside the learned steps and, on the same tensors, the
 batched iteration alone (``NS ms in step (alone)``: one
-`features.newton_schulz` per group of same-shaped matrices, as the fused back end runs it) and
+`reference.newton_schulz` per group of same-shaped matrices, as the fused back end runs it) and
 ``torch.optim.Muon``'s step on the mix's matrices (its Newton–Schulz is the same cost).
 
 Peak extra memory of a step: the rise of the process's peak RSS over its RSS before the step
@@ -42,10 +42,9 @@ from pathlib import Path
 import torch
 
 from optbundle import LearnedOptimizer, load_rule
-from optbundle import features as F
-from optbundle import fused_step
-from optbundle import optimizer as O
-from optbundle.roles import is_orthogonalized
+from optbundle.step import fused_step, reference, vocabulary
+from optbundle.step import optimizer as O
+from optbundle.step.roles import is_orthogonalized
 
 CPU_SIZES = [1_000_000, 10_000_000, 50_000_000]
 CUDA_SIZES = [1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
@@ -136,7 +135,7 @@ def must_move_bytes_learned(config, shapes, param_bytes: int) -> int:
     for shape in shapes:
         n = math.prod(shape)
         total += n * (2 * param_bytes + param_bytes + 4 * 2 * (k + 1))  # p r/w, g r, momenta and v r/w
-        if F.is_factored(shape):
+        if vocabulary.is_factored(shape):
             lead = n // (shape[-1] * shape[-2])
             total += 4 * 2 * j * lead * (shape[-1] + shape[-2])
         else:
@@ -191,7 +190,7 @@ def newton_schulz_seconds(config, shapes, roles, device, repeats) -> float | Non
         synchronize(device)
         start = time.perf_counter()
         for batch in batches:
-            F.newton_schulz(batch, config)
+            reference.newton_schulz(batch, config)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)

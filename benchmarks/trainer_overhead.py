@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from optbundle import Bundle, load_rule
-from optbundle.finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer
+from optbundle.apps.finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer
 
 
 class StepTimer(TrainerCallback):

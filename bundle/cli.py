@@ -25,23 +25,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .format import (
+import torch
+import yaml
+
+from . import __version__
+from .apps.finetune import load_recipe, run_recipe
+from .apps.refine import load_refine_recipe, run_refine_recipe
+from .files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     STATE_JSON_NAME,
     STATE_TENSORS_NAME,
     BundleError,
-    CorruptFileError,
     read_json_file,
     read_manifest,
+    read_safetensors_header,
     verify_manifest,
 )
+from .step.rule import RULE_CONFIG_NAME
+from .store.hub import download_repo, is_hub_reference, pull_repo, push_directory, push_rule, rule_files
+from .store.pretrained import shipped_rule_names, shipped_rule_path
+from .store.rule import LearnedRule
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,6 @@ def subcommand(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="optbundle", description="Ship a model together with the learned optimizer that fine-tunes it."
     )
@@ -108,13 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_mistake(err: BaseException) -> bool:
-    try:
-        import yaml
-
-        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
-    except ImportError:  # pragma: no cover - PyYAML is a dependency
-        yaml_errors = ()
-    return isinstance(err, (ValueError, TypeError, KeyError, OSError, *yaml_errors))
+    return isinstance(err, (ValueError, TypeError, KeyError, OSError, yaml.YAMLError))
 
 
 def _one_line(err: BaseException, limit: int = 500) -> str:
@@ -172,9 +177,6 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("push", help="publish a bundle (or a rule) folder to the Hub as one commit", arguments=_push_arguments)
 def push(args: argparse.Namespace) -> int:
-    from .hub import push_directory, push_rule
-    from .rule import RULE_CONFIG_NAME, LearnedRule
-
     directory: Path = args.directory
     if not directory.exists() and Path(args.repo_id).is_dir():  # `hf upload REPO_ID PATH` order
         directory, args.repo_id = Path(args.repo_id), str(args.directory)
@@ -211,8 +213,6 @@ def _pull_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("pull", help="download a bundle or rule repo at one commit into a folder, verified", arguments=_pull_arguments)
 def pull(args: argparse.Namespace) -> int:
-    from .hub import pull_repo
-
     snapshot = pull_repo(args.repo_id, args.directory, **_download_kwargs(args))
     count = len(snapshot.manifest["files"]) + 1
     print(f"pulled {args.repo_id}@{snapshot.commit} into {args.directory} ({count} files verified)")
@@ -232,8 +232,6 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def safetensors_parameter_count(path: Path) -> int:
     """Number of values stored in a safetensors file, read from its checked JSON header only (no tensor is loaded)."""
-    from .format import read_safetensors_header
-
     total = 0
     for entry in read_safetensors_header(path).values():
         count = 1
@@ -243,21 +241,9 @@ def safetensors_parameter_count(path: Path) -> int:
     return total
 
 
-def _shipped_names() -> list[str]:
-    from .pretrained import shipped_rule_names
-
-    return shipped_rule_names()
-
-
 def _shipped_rule_dir(name: str) -> Path | None:
     """The folder of the shipped rule ``name`` (``default`` resolves through ``aliases.json``), or None."""
-    from .pretrained import ALIASES_NAME, PRETRAINED_DIR
-
-    if name not in _shipped_names():
-        return None
-    aliases_path = PRETRAINED_DIR / ALIASES_NAME
-    aliases = json.loads(aliases_path.read_text()) if aliases_path.exists() else {}
-    return PRETRAINED_DIR / aliases.get(name, name)
+    return shipped_rule_path(name) if name in shipped_rule_names() else None
 
 
 def _weight_files(manifest: dict[str, Any]) -> list[str]:
@@ -279,9 +265,6 @@ def describe(
     """What ``optbundle inspect`` reports, as data: source, manifest, files, rule, provenance, model parameter
     count and optimizer state size. A Hub id fetches only ``bundle.json`` and the optimizer's small files; the
     model's parameter count then comes from the safetensors headers (HTTP range reads)."""
-    from .hub import download_repo, is_hub_reference, rule_files
-    from .rule import LearnedRule
-
     info: dict[str, Any] = {}
     if is_hub_reference(str(target)):
         state_json = f"{OPTIMIZER_DIR}/{STATE_JSON_NAME}"
@@ -304,7 +287,7 @@ def describe(
             directory = shipped
         if not directory.is_dir():
             raise BundleError(
-                f"{directory}: not a directory, a shipped rule name ({', '.join(_shipped_names())}) or a Hub repo id "
+                f"{directory}: not a directory, a shipped rule name ({', '.join(shipped_rule_names())}) or a Hub repo id "
                 "'namespace/name'"
             )
         manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
@@ -352,7 +335,7 @@ def describe(
 
 def _remote_parameter_count(snapshot: Any, names: list[str], *, token: Any, offline: bool) -> dict[str, Any] | None:
     """Parameter count of weight files at the snapshot's commit: from cached copies, else from the Hub's headers."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants  # loaded on first use (`import optbundle` does not need it)
 
     if not names:
         return None
@@ -464,8 +447,6 @@ ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "huggingface_hub"
 
 
 def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -474,11 +455,6 @@ def _package_version(name: str) -> str | None:
 
 def environment_info() -> dict[str, str]:
     """What ``optbundle env`` prints, as ``{key: value}`` (versions, platform, CUDA, threads), like ``hf env``."""
-    import os
-    import platform
-
-    from . import __version__
-
     info = {
         "optbundle version": __version__,
         "Platform": platform.platform(),
@@ -489,17 +465,12 @@ def environment_info() -> dict[str, str]:
     triton = _package_version("triton")
     if triton is not None:
         info["triton version"] = triton
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-        info["CUDA available"] = (
-            f"yes ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
-            if cuda else "no"
-        )
-        info["torch threads"] = str(torch.get_num_threads())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        info["CUDA available"] = "unknown (torch not installed)"
+    cuda = torch.cuda.is_available()
+    info["CUDA available"] = (
+        f"yes ({torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})"
+        if cuda else "no"
+    )
+    info["torch threads"] = str(torch.get_num_threads())
     info["CPU count"] = str(os.cpu_count())
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "not set")
     return info
@@ -527,8 +498,6 @@ def env(args: argparse.Namespace) -> int:
 
 def _recipe_overrides(items: list[str], command: str) -> dict:
     """``--set KEY=VALUE`` options as a dict of YAML values."""
-    import yaml
-
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -550,8 +519,6 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("finetune", help="run a fine-tuning recipe with the learned rule and with AdamW; print the results table",
             arguments=_finetune_arguments)
 def finetune(args: argparse.Namespace) -> int:
-    from .finetune import load_recipe, run_recipe, results_table  # noqa: F401 - heavy imports only here
-
     recipe = load_recipe(args.recipe, _recipe_overrides(args.set, "finetune"))
     run_recipe(recipe, announce=lambda line: print(line, flush=True))
     results = Path(recipe.optim.results_dir)
@@ -568,8 +535,6 @@ def finetune(args: argparse.Namespace) -> int:
 @subcommand("refine", help="meta-refine a bundle's rule on a model + dataset recipe and save the refined bundle",
             arguments=_finetune_arguments)
 def refine(args: argparse.Namespace) -> int:
-    from .refine import load_refine_recipe, run_refine_recipe
-
     recipe = load_refine_recipe(args.recipe, _recipe_overrides(args.set, "refine"))
     result = run_refine_recipe(recipe)
     if result is None:

@@ -1,6 +1,6 @@
-"""Fused Triton kernels of the learned step, and their launcher `fused_learned_step_`.
+"""Fused Triton kernels of the learned step, and their launcher `learned_step_`.
 
-The math is `optbundle.features.learned_update` (the one torch reference); this file organizes it for a GPU.
+The math is `optbundle.step.reference.learned_update` (the one torch reference); this file organizes it for a GPU.
 All tensors of a parameter group that share a class (factored or not, parameter dtype, gradient dtype) go
 through each pass in **one launch**: an int64 table holds every tensor's pointers, another its sizes and
 scratch offsets, and a program table maps each program to ``(tensor, tile)``. Offsets are 64-bit; any rank
@@ -21,7 +21,7 @@ Why these passes (per-tensor reductions force the boundaries):
 3. ``_reduce_adafactor_kernel`` (2-D tiles, factored tensors that read them): the Adafactor features
    ``g·rf·cf`` and ``m·rf·cf`` need the final factors of pass 2 before their sums of squares exist.
 4. ``_fold_kernel`` (one program per tensor): normalizers, φ's first layer with the normalizers and time
-   features folded in (as `features.apply_network` does), per-row and per-column first-layer terms (row and
+   features folded in (as `reference.apply_network` does), per-row and per-column first-layer terms (row and
    column features are constant along a row/column), bias corrections, and a **finiteness proof**: the
    maxima of pass 1/3 pushed through ``|W|`` bound the step, hence the new parameter. The proof, or a
    non-finite gradient, sets the tensor's mode.
@@ -54,18 +54,47 @@ import torch
 import triton
 import triton.language as tl
 
-from optbundle import features as F
-from optbundle.fast_step import FeaturePlan, feature_plan
-from optbundle.rule import RuleConfig
+from optbundle.step.rule import RuleConfig
+from optbundle.step.vocabulary import (
+    FINITE_BOUND,
+    MAX_EXPONENT,
+    MAX_GRADIENT_SQUARE_SUM,
+    NORMALIZED_EPS,
+    FeaturePlan,
+    decay_tensors,
+    feature_plan,
+    is_factored,
+)
 
 # ---- table layouts ------------------------------------------------------------------------------------
 
-# The kernels index two int64 tables per launch with literal offsets, in this order:
-#   pointers (8 per tensor): param, grad, momentum, second moment, row statistics (rank ≥ 2) or full
-#                            accumulators (rank < 2), column statistics (or 0), step, skipped_steps
-#   meta     (7 per tensor): numel, slices L, rows R, cols C, scratch offsets of its scalars / row area / col area
-# A tensor's mode (a float in its scalars): 0 DIRECT (proved finite: write in phase 0), 1 CHECK (check in
-# phase 0, write in phase 1 if finite), 2 SKIP (non-finite gradient).
+# The kernels index two int64 tables per launch, one row per tensor, with the columns named here:
+#   pointers: param, grad, momentum, second moment, row statistics (rank ≥ 2) or full accumulators (rank < 2),
+#             column statistics (or 0), step, skipped_steps
+#   meta:     numel, slices L, rows R, cols C, scratch offsets of its scalars / row area / col area
+# and, in each tensor's scalars, ``extra`` (Σg², Σp², max|g|, max|p|, then max|m_k| per momentum) and ``flags``.
+# A tensor's mode (a flag): 0 DIRECT (proved finite: write in phase 0), 1 CHECK (check in phase 0, write in
+# phase 1 if finite), 2 SKIP (non-finite gradient).
+POINTER_COLUMNS = ("param", "grad", "momentum", "second_moment", "row_or_full", "col", "step", "skipped_steps")
+META_COLUMNS = ("numel", "slices", "rows", "cols", "scalars", "row_area", "col_area")
+EXTRA_FIELDS = ("grad_sq", "param_sq", "grad_max", "param_max", "momentum_max")
+PROGRAM_COLUMNS = ("tensor", "tile")  # the program table: which tensor and which tile of it a program works on
+FLAG_FIELDS = ("grad_bad", "mode", "update_bad", "step_sq", "rms", "bias_correction1", "bias_correction_v")
+# ... as Triton constexprs (the kernels read globals only in this form)
+POINTERS, METAS = tl.constexpr(len(POINTER_COLUMNS)), tl.constexpr(len(META_COLUMNS))
+PROGRAMS = tl.constexpr(len(PROGRAM_COLUMNS))
+R_TENSOR, R_TILE = map(tl.constexpr, range(len(PROGRAM_COLUMNS)))
+P_PARAM, P_GRAD, P_MOMENTUM, P_SECOND, P_ROW, P_COL, P_STEP, P_SKIPPED = map(tl.constexpr, range(len(POINTER_COLUMNS)))
+M_NUMEL, M_SLICES, M_ROWS, M_COLS, M_SCALARS, M_ROW_AREA, M_COL_AREA = map(tl.constexpr, range(len(META_COLUMNS)))
+E_GRAD_SQ, E_PARAM_SQ, E_GRAD_MAX, E_PARAM_MAX, E_MOMENTUM_MAX = map(tl.constexpr, range(len(EXTRA_FIELDS)))
+F_GRAD_BAD, F_MODE, F_UPDATE_BAD, F_STEP_SQ, F_RMS, F_BC1, F_BCV = map(tl.constexpr, range(len(FLAG_FIELDS)))
+MODE_DIRECT, MODE_CHECK, MODE_SKIP = tl.constexpr(0.0), tl.constexpr(1.0), tl.constexpr(2.0)
+# the step's bounds (`optbundle.step.vocabulary`), shared with the torch fast path
+_FINITE_BOUND = tl.constexpr(FINITE_BOUND)
+_MAX_EXPONENT = tl.constexpr(MAX_EXPONENT)
+_MAX_GRADIENT_SQUARE_SUM = tl.constexpr(MAX_GRADIENT_SQUARE_SUM)
+_NORMALIZED_EPS = tl.constexpr(NORMALIZED_EPS)
+_NORMALIZED_SCALE_MAX = tl.constexpr(NORMALIZED_EPS**-0.5)  # rsqrt(mean u² + ε) ≤ ε^-½
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2}
 _OUTPUT_CODES = {"small_fc_lopt": 0, "normalized": 1, "adam_residual": 2}
 #: Largest hidden width the register-resident φ supports.
@@ -127,12 +156,12 @@ class _Layout:
         return self.col_maxs + self.j2
 
     @property
-    def flags(self):  # grad_bad, mode, update_bad, Σu², rms, 1−β1^t, 1−βv^t
-        return self.extra + 4 + self.k
+    def flags(self):  # FLAG_FIELDS
+        return self.extra + len(EXTRA_FIELDS) - 1 + self.k
 
     @property
     def w_row(self):  # (2J, H) first-layer weights of the row features, normalizers folded in
-        return self.flags + 8
+        return self.flags + len(FLAG_FIELDS)
 
     @property
     def w_col(self):
@@ -150,8 +179,6 @@ class _Layout:
     def size(self):
         return self.bias + self.h
 
-
-F_GRAD_BAD, F_MODE, F_UPDATE_BAD, F_STEP_SQ, F_RMS, F_BC1, F_BCV = range(7)
 
 
 # ---- support ------------------------------------------------------------------------------------------
@@ -191,10 +218,8 @@ def tensor_unsupported_reason(param: torch.Tensor, grad: torch.Tensor, state: di
 def _activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 0:
         out = tl.maximum(z, 0.0)
-    elif ACTIVATION == 1:  # tanh from exp (libdevice is not available in interpreter mode)
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        out = tl.where(z < 0, -t, t)
+    elif ACTIVATION == 1:
+        out = _tanh(z)
     else:
         out = z * tl.sigmoid(z)
     return out
@@ -214,7 +239,20 @@ def _to_param_dtype(x, PARAM_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _adam_direction(m, v, bc1, bcv, ADAM_EPS: tl.constexpr):
+    """``m̂/(√v̂ + ε)`` (`vocabulary.adam_direction_from_moments` in Triton)."""
+    return (m / bc1) / (tl.sqrt(v / bcv) + ADAM_EPS)
+
+
+@triton.jit
+def _bias_correction(steps, LOG_BETA: tl.constexpr):
+    """``1 − β^(t+1)`` for ``t`` completed steps (``β = exp(LOG_BETA)``)."""
+    return 1.0 - tl.exp((steps + 1.0) * LOG_BETA)
+
+
+@triton.jit
 def _tanh(z):
+    """tanh from exp (libdevice is not available in interpreter mode)."""
     e = tl.exp(-2.0 * tl.abs(z))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(z < 0, -t, t)
@@ -254,7 +292,7 @@ def _features(
     USE_AFG: tl.constexpr, USE_AFM: tl.constexpr, SECOND_EPS: tl.constexpr, RSQRT_EPS: tl.constexpr,
     ADAM_EPS: tl.constexpr, ADAM_INDEX: tl.constexpr,
 ):
-    """The elementwise features in X's row order (`optbundle.fast_step.FeaturePlan`), as a tuple."""
+    """The elementwise features in X's row order (`optbundle.step.vocabulary.FeaturePlan`), as a tuple."""
     x = ()
     if USE_G:
         x = x + (g,)
@@ -273,9 +311,7 @@ def _features(
         if USE_RS:
             x = x + (rs,)
     if USE_ADAM:
-        m_hat = m_new[ADAM_INDEX] / bc1
-        v_hat = v_new / bcv
-        x = x + (m_hat / (tl.sqrt(v_hat) + ADAM_EPS),)
+        x = x + (_adam_direction(m_new[ADAM_INDEX], v_new, bc1, bcv, ADAM_EPS),)
     if not FACTORED:
         if USE_FULL:
             for j in tl.static_range(J):
@@ -317,18 +353,18 @@ def _reduce_kernel(
     TILE_R: tl.constexpr, TILE_C: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(programs + 2 * pid).to(tl.int64)
-    tile = tl.load(programs + 2 * pid + 1).to(tl.int64)
-    n = tl.load(meta + t * 7 + 0)
-    scal = scratch + tl.load(meta + t * 7 + 4)
-    param_ptr = tl.load(pointers + t * 8 + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(pointers + t * 8 + 1).to(tl.pointer_type(GRAD_DTYPE))
-    mom_ptr = tl.load(pointers + t * 8 + 2).to(tl.pointer_type(tl.float32))
-    second_ptr = tl.load(pointers + t * 8 + 3).to(tl.pointer_type(tl.float32))
+    t = tl.load(programs + PROGRAMS * pid + R_TENSOR).to(tl.int64)
+    tile = tl.load(programs + PROGRAMS * pid + R_TILE).to(tl.int64)
+    n = tl.load(meta + t * METAS + M_NUMEL)
+    scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
+    param_ptr = tl.load(pointers + t * POINTERS + P_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(pointers + t * POINTERS + P_GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    mom_ptr = tl.load(pointers + t * POINTERS + P_MOMENTUM).to(tl.pointer_type(tl.float32))
+    second_ptr = tl.load(pointers + t * POINTERS + P_SECOND).to(tl.pointer_type(tl.float32))
     if FACTORED:  # tiles of TILE_R global rows (they may span slices) × TILE_C columns
-        rows = tl.load(meta + t * 7 + 2)
-        cols = tl.load(meta + t * 7 + 3)
-        n_rows = tl.load(meta + t * 7 + 1) * rows
+        rows = tl.load(meta + t * METAS + M_ROWS)
+        cols = tl.load(meta + t * METAS + M_COLS)
+        n_rows = tl.load(meta + t * METAS + M_SLICES) * rows
         col_tiles = (cols + TILE_C - 1) // TILE_C
         first_row = (tile // col_tiles) * TILE_R
         q = first_row + tl.arange(0, TILE_R).to(tl.int64)  # global row index = slice·R + r
@@ -348,12 +384,12 @@ def _reduce_kernel(
     if FACTORED:
         full_new = (g,)
     else:
-        full_ptr = tl.load(pointers + t * 8 + 4).to(tl.pointer_type(tl.float32))
+        full_ptr = tl.load(pointers + t * POINTERS + P_ROW).to(tl.pointer_type(tl.float32))
         full_new = _ema_full(full_ptr, idx, n, g, consts, mask, K, J, FACTORED_EPS)
     if USE_ADAM:  # Adam's bias corrections 1 − β^(t+1), t = completed steps
-        steps = tl.load(tl.load(pointers + t * 8 + 6).to(tl.pointer_type(tl.int64))).to(tl.float32)
-        bc1 = 1.0 - tl.exp((steps + 1.0) * LOG_BETA1)
-        bcv = 1.0 - tl.exp((steps + 1.0) * LOG_BETA_V)
+        steps = tl.load(tl.load(pointers + t * POINTERS + P_STEP).to(tl.pointer_type(tl.int64))).to(tl.float32)
+        bc1 = _bias_correction(steps, LOG_BETA1)
+        bcv = _bias_correction(steps, LOG_BETA_V)
     else:
         bc1 = 1.0
         bcv = 1.0
@@ -371,20 +407,20 @@ def _reduce_kernel(
         tl.atomic_max(scal + OFF_MAXS + f, tl.where(total == total, tl.sqrt(total), float("inf")))
     grad_sq = tl.sum(g * g)
     param_sq = tl.sum(p * p)
-    tl.atomic_add(scal + OFF_EXTRA + 0, grad_sq)
-    tl.atomic_add(scal + OFF_EXTRA + 1, param_sq)
-    tl.atomic_max(scal + OFF_EXTRA + 2, tl.where(grad_sq == grad_sq, tl.sqrt(grad_sq), float("inf")))
-    tl.atomic_max(scal + OFF_EXTRA + 3, tl.where(param_sq == param_sq, tl.sqrt(param_sq), float("inf")))
+    tl.atomic_add(scal + OFF_EXTRA + E_GRAD_SQ, grad_sq)
+    tl.atomic_add(scal + OFF_EXTRA + E_PARAM_SQ, param_sq)
+    tl.atomic_max(scal + OFF_EXTRA + E_GRAD_MAX, tl.where(grad_sq == grad_sq, tl.sqrt(grad_sq), float("inf")))
+    tl.atomic_max(scal + OFF_EXTRA + E_PARAM_MAX, tl.where(param_sq == param_sq, tl.sqrt(param_sq), float("inf")))
     for k in tl.static_range(K):
         value = tl.where(mask, m_new[k], 0.0)
         total = tl.sum(value * value)
-        tl.atomic_max(scal + OFF_EXTRA + 4 + k, tl.where(total == total, tl.sqrt(total), float("inf")))
+        tl.atomic_max(scal + OFF_EXTRA + E_MOMENTUM_MAX + k, tl.where(total == total, tl.sqrt(total), float("inf")))
     bad = tl.max(((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32))
-    tl.atomic_max(scal + OFF_FLAGS + 0, bad)
+    tl.atomic_max(scal + OFF_FLAGS + F_GRAD_BAD, bad)
     if FACTORED:
         g2 = tl.where(mask, g * g + FACTORED_EPS, 0.0)
-        row_area = scratch + tl.load(meta + t * 7 + 5)
-        col_area = scratch + tl.load(meta + t * 7 + 6)
+        row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+        col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
         tl.atomic_add(row_area + q, tl.sum(g2, axis=1), mask=row_mask)  # row sums: area [0, L·R)
         first_slice = first_row // rows
         last_slice = (tl.minimum(first_row + TILE_R, n_rows) - 1) // rows
@@ -421,14 +457,14 @@ def _rows_cols_kernel(
     factor ``rsqrt(row'/mean_r(row'))`` (mean per slice), the column factor ``rsqrt(col')``, and the sums of
     squares / maxima of the row and column features."""
     t = tl.program_id(0).to(tl.int64)
-    slices = tl.load(meta + t * 7 + 1)
-    rows = tl.load(meta + t * 7 + 2)
-    cols = tl.load(meta + t * 7 + 3)
-    scal = scratch + tl.load(meta + t * 7 + 4)
-    row_area = scratch + tl.load(meta + t * 7 + 5)
-    col_area = scratch + tl.load(meta + t * 7 + 6)
-    row_state = tl.load(pointers + t * 8 + 4).to(tl.pointer_type(tl.float32))
-    col_state = tl.load(pointers + t * 8 + 5).to(tl.pointer_type(tl.float32))
+    slices = tl.load(meta + t * METAS + M_SLICES)
+    rows = tl.load(meta + t * METAS + M_ROWS)
+    cols = tl.load(meta + t * METAS + M_COLS)
+    scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
+    row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+    col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
+    row_state = tl.load(pointers + t * POINTERS + P_ROW).to(tl.pointer_type(tl.float32))
+    col_state = tl.load(pointers + t * POINTERS + P_COL).to(tl.pointer_type(tl.float32))
     n_rows = slices * rows
     n_cols = slices * cols
     slice_sums = row_area + n_rows * (1 + 2 * J + H)
@@ -499,17 +535,17 @@ def _reduce_adafactor_kernel(
     OFF_MAXS: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(programs + 2 * pid).to(tl.int64)
-    tile = tl.load(programs + 2 * pid + 1).to(tl.int64)
-    n = tl.load(meta + t * 7 + 0)
-    slices = tl.load(meta + t * 7 + 1)
-    rows = tl.load(meta + t * 7 + 2)
-    cols = tl.load(meta + t * 7 + 3)
-    scal = scratch + tl.load(meta + t * 7 + 4)
-    row_area = scratch + tl.load(meta + t * 7 + 5)
-    col_area = scratch + tl.load(meta + t * 7 + 6)
-    grad_ptr = tl.load(pointers + t * 8 + 1).to(tl.pointer_type(GRAD_DTYPE))
-    mom_ptr = tl.load(pointers + t * 8 + 2).to(tl.pointer_type(tl.float32))
+    t = tl.load(programs + PROGRAMS * pid + R_TENSOR).to(tl.int64)
+    tile = tl.load(programs + PROGRAMS * pid + R_TILE).to(tl.int64)
+    n = tl.load(meta + t * METAS + M_NUMEL)
+    slices = tl.load(meta + t * METAS + M_SLICES)
+    rows = tl.load(meta + t * METAS + M_ROWS)
+    cols = tl.load(meta + t * METAS + M_COLS)
+    scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
+    row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+    col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
+    grad_ptr = tl.load(pointers + t * POINTERS + P_GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    mom_ptr = tl.load(pointers + t * POINTERS + P_MOMENTUM).to(tl.pointer_type(tl.float32))
     n_rows = slices * rows
     n_cols = slices * cols
     col_tiles = (cols + TILE_C - 1) // TILE_C
@@ -557,11 +593,11 @@ def _fold_kernel(
 ):
     """One program per tensor. ``weights``: [W₁ᵀ (NF+NT, H) | b₁ (H) | W_rest (NUM_REST, H, H) | b_rest]."""
     t = tl.program_id(0).to(tl.int64)
-    n = tl.load(meta + t * 7 + 0)
-    slices = tl.load(meta + t * 7 + 1)
-    rows = tl.load(meta + t * 7 + 2)
-    cols = tl.load(meta + t * 7 + 3)
-    scal = scratch + tl.load(meta + t * 7 + 4)
+    n = tl.load(meta + t * METAS + M_NUMEL)
+    slices = tl.load(meta + t * METAS + M_SLICES)
+    rows = tl.load(meta + t * METAS + M_ROWS)
+    cols = tl.load(meta + t * METAS + M_COLS)
+    scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
     hh = tl.arange(0, H)
     count = n.to(tl.float32)
     # normalizer of every φ input column: rsqrt(eps + mean x²), mean over the whole tensor
@@ -597,7 +633,7 @@ def _fold_kernel(
             bound += tl.abs(w_row) * tl.load(scal + OFF_ROW_MAXS + i)
             bound += tl.abs(w_col) * tl.load(scal + OFF_COL_MAXS + i)
     # time features tanh(t/τ − 1), t = completed steps, folded into the bias
-    step_ptr = tl.load(pointers + t * 8 + 6).to(tl.pointer_type(tl.int64))
+    step_ptr = tl.load(pointers + t * POINTERS + P_STEP).to(tl.pointer_type(tl.int64))
     steps = tl.load(step_ptr).to(tl.float32)
     bias = tl.load(weights + (NF + NT) * H + hh)
     for i in tl.static_range(NT):
@@ -606,15 +642,15 @@ def _fold_kernel(
     tl.store(scal + OFF_BIAS + hh, bias)
     bound += tl.abs(bias)
     # Adam's bias corrections for this step (t + 1)
-    bc1 = 1.0 - tl.exp((steps + 1.0) * LOG_BETA1)
-    bcv = 1.0 - tl.exp((steps + 1.0) * LOG_BETA_V)
-    tl.store(scal + OFF_FLAGS + 5, bc1)
-    tl.store(scal + OFF_FLAGS + 6, bcv)
-    rms = tl.maximum(tl.sqrt(tl.load(scal + OFF_EXTRA + 1) / count), PARAM_SCALE_MIN)
-    tl.store(scal + OFF_FLAGS + 4, rms)
+    bc1 = _bias_correction(steps, LOG_BETA1)
+    bcv = _bias_correction(steps, LOG_BETA_V)
+    tl.store(scal + OFF_FLAGS + F_BC1, bc1)
+    tl.store(scal + OFF_FLAGS + F_BCV, bcv)
+    rms = tl.maximum(tl.sqrt(tl.load(scal + OFF_EXTRA + E_PARAM_SQ) / count), PARAM_SCALE_MIN)
+    tl.store(scal + OFF_FLAGS + F_RMS, rms)
     if FACTORED:
-        row_area = scratch + tl.load(meta + t * 7 + 5)
-        col_area = scratch + tl.load(meta + t * 7 + 6)
+        row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+        col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
         n_rows = slices * rows
         n_cols = slices * cols
         for start in range(0, n_rows, BLOCK):
@@ -644,25 +680,25 @@ def _fold_kernel(
     direction = tl.sum(tl.where(hh == 0, bound, 0.0))
     magnitude = tl.sum(tl.where(hh == 1, bound, 0.0))
     if OUTPUT == 0:
-        exponent = tl.minimum(magnitude * EXP_MULT, 80.0)
-        step_bound = tl.where(magnitude * EXP_MULT < 80.0, direction * tl.exp(exponent) * STEP_MULT, float("inf"))
+        exponent = tl.minimum(magnitude * EXP_MULT, _MAX_EXPONENT)
+        step_bound = tl.where(magnitude * EXP_MULT < _MAX_EXPONENT, direction * tl.exp(exponent) * STEP_MULT, float("inf"))
     elif OUTPUT == 1:
         step_bound = direction * 0.0 + float("inf")  # normalized: needs Σu², always checked
     else:
-        m_max = tl.load(scal + OFF_EXTRA + 4 + ADAM_INDEX)
+        m_max = tl.load(scal + OFF_EXTRA + E_MOMENTUM_MAX + ADAM_INDEX)
         step_bound = STEP_MULT * tl.exp(MAGNITUDE_BOUND) * (m_max / bc1 / ADAM_EPS + direction)
     if PARAM_SCALE:
         step_bound = step_bound * rms
-    param_max = tl.load(scal + OFF_EXTRA + 3)
+    param_max = tl.load(scal + OFF_EXTRA + E_PARAM_MAX)
     new_param_bound = param_max * (1.0 + tl.abs(decay)) + tl.abs(lr) * step_bound
-    grad_bad = tl.load(scal + OFF_FLAGS + 0)
+    grad_bad = tl.load(scal + OFF_FLAGS + F_GRAD_BAD)
     # Σg² beyond the largest fp32 (or NaN): the fp32 second moments would overflow, so skip like a NaN gradient
-    grad_total = tl.load(scal + OFF_EXTRA + 0)
-    grad_bad = tl.where(grad_total <= 3.4028234663852886e38, grad_bad, 1.0)
-    mode = tl.where(grad_bad != 0.0, 2.0, tl.where(new_param_bound < 1e37, 0.0, 1.0))
-    tl.store(scal + OFF_FLAGS + 1, mode)
+    grad_total = tl.load(scal + OFF_EXTRA + E_GRAD_SQ)
+    grad_bad = tl.where(grad_total <= _MAX_GRADIENT_SQUARE_SUM, grad_bad, 1.0)
+    mode = tl.where(grad_bad != 0.0, MODE_SKIP, tl.where(new_param_bound < _FINITE_BOUND, MODE_DIRECT, MODE_CHECK))
+    tl.store(scal + OFF_FLAGS + F_MODE, mode)
     if grad_bad != 0.0:
-        skipped_ptr = tl.load(pointers + t * 8 + 7).to(tl.pointer_type(tl.int64))
+        skipped_ptr = tl.load(pointers + t * POINTERS + P_SKIPPED).to(tl.pointer_type(tl.int64))
         tl.store(skipped_ptr, tl.load(skipped_ptr) + 1)
 
 
@@ -685,42 +721,42 @@ def _apply_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(programs + 2 * pid).to(tl.int64)
-    block = tl.load(programs + 2 * pid + 1).to(tl.int64)
-    scal = scratch + tl.load(meta + t * 7 + 4)
-    mode = tl.load(scal + OFF_FLAGS + 1)
-    update_bad = tl.load(scal + OFF_FLAGS + 2)
+    t = tl.load(programs + PROGRAMS * pid + R_TENSOR).to(tl.int64)
+    block = tl.load(programs + PROGRAMS * pid + R_TILE).to(tl.int64)
+    scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
+    mode = tl.load(scal + OFF_FLAGS + F_MODE)
+    update_bad = tl.load(scal + OFF_FLAGS + F_UPDATE_BAD)
     if PHASE == 0:
-        active = mode != 2.0
-        write = mode == 0.0
+        active = mode != MODE_SKIP
+        write = mode == MODE_DIRECT
     else:
-        active = (mode == 1.0) & (update_bad == 0.0)
+        active = (mode == MODE_CHECK) & (update_bad == 0.0)
         write = active
-        if (mode == 1.0) & (update_bad != 0.0) & (block == 0):
-            skipped_ptr = tl.load(pointers + t * 8 + 7).to(tl.pointer_type(tl.int64))
+        if (mode == MODE_CHECK) & (update_bad != 0.0) & (block == 0):
+            skipped_ptr = tl.load(pointers + t * POINTERS + P_SKIPPED).to(tl.pointer_type(tl.int64))
             tl.store(skipped_ptr, tl.load(skipped_ptr) + 1)
     if active:
-        n = tl.load(meta + t * 7 + 0)
+        n = tl.load(meta + t * METAS + M_NUMEL)
         idx = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n
         hh = tl.arange(0, H)
-        param_ptr = tl.load(pointers + t * 8 + 0).to(tl.pointer_type(PARAM_DTYPE))
-        grad_ptr = tl.load(pointers + t * 8 + 1).to(tl.pointer_type(GRAD_DTYPE))
-        mom_ptr = tl.load(pointers + t * 8 + 2).to(tl.pointer_type(tl.float32))
-        second_ptr = tl.load(pointers + t * 8 + 3).to(tl.pointer_type(tl.float32))
+        param_ptr = tl.load(pointers + t * POINTERS + P_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+        grad_ptr = tl.load(pointers + t * POINTERS + P_GRAD).to(tl.pointer_type(GRAD_DTYPE))
+        mom_ptr = tl.load(pointers + t * POINTERS + P_MOMENTUM).to(tl.pointer_type(tl.float32))
+        second_ptr = tl.load(pointers + t * POINTERS + P_SECOND).to(tl.pointer_type(tl.float32))
         g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(second_ptr + idx, mask=mask, other=0.0)
         m_new = _ema_momenta(mom_ptr, idx, n, g, consts, mask, K)
         v_new = BETA_V * v + ONE_MINUS_BETA_V * g * g
-        bc1 = tl.load(scal + OFF_FLAGS + 5)
-        bcv = tl.load(scal + OFF_FLAGS + 6)
+        bc1 = tl.load(scal + OFF_FLAGS + F_BC1)
+        bcv = tl.load(scal + OFF_FLAGS + F_BCV)
         if FACTORED:
-            slices = tl.load(meta + t * 7 + 1)
-            rows = tl.load(meta + t * 7 + 2)
-            cols = tl.load(meta + t * 7 + 3)
-            row_area = scratch + tl.load(meta + t * 7 + 5)
-            col_area = scratch + tl.load(meta + t * 7 + 6)
+            slices = tl.load(meta + t * METAS + M_SLICES)
+            rows = tl.load(meta + t * METAS + M_ROWS)
+            cols = tl.load(meta + t * METAS + M_COLS)
+            row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+            col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
             n_rows = slices * rows
             n_cols = slices * cols
             q = idx // cols  # global row
@@ -734,7 +770,7 @@ def _apply_kernel(
             z = tl.load(row_area + n_rows * (1 + 2 * J) + hh[:, None] * n_rows + q[None, :], mask=mask[None, :], other=0.0)
             z += tl.load(col_area + n_cols * (1 + 2 * J) + hh[:, None] * n_cols + cidx[None, :], mask=mask[None, :], other=0.0)
         else:
-            full_ptr = tl.load(pointers + t * 8 + 4).to(tl.pointer_type(tl.float32))
+            full_ptr = tl.load(pointers + t * POINTERS + P_ROW).to(tl.pointer_type(tl.float32))
             full_new = _ema_full(full_ptr, idx, n, g, consts, mask, K, J, FACTORED_EPS)
             row_factor = (g,)
             col_factor = (g,)
@@ -763,14 +799,12 @@ def _apply_kernel(
         elif OUTPUT == 1:
             u = direction * tl.exp(magnitude * EXP_MULT)  # raw; scaled to unit RMS in phase 1
         else:
-            m_hat = m_new[ADAM_INDEX] / bc1
-            v_hat = v_new / bcv
-            adam = m_hat / (tl.sqrt(v_hat) + ADAM_EPS)
+            adam = _adam_direction(m_new[ADAM_INDEX], v_new, bc1, bcv, ADAM_EPS)
             u = (STEP_MULT * tl.exp(MAGNITUDE_BOUND * _tanh(magnitude))) * (adam + direction)
-        rms = tl.load(scal + OFF_FLAGS + 4)
+        rms = tl.load(scal + OFF_FLAGS + F_RMS)
         if OUTPUT == 1:
             if PHASE == 1:
-                scale = tl.rsqrt(tl.load(scal + OFF_FLAGS + 3) / n.to(tl.float32) + 1e-12)
+                scale = tl.rsqrt(tl.load(scal + OFF_FLAGS + F_STEP_SQ) / n.to(tl.float32) + _NORMALIZED_EPS)
                 u = u * scale * STEP_MULT
                 if PARAM_SCALE:
                     u = u * rms
@@ -783,8 +817,8 @@ def _apply_kernel(
             tl.store(second_ptr + idx, v_new, mask=mask)
             tl.store(param_ptr + idx, _to_param_dtype(new_param, PARAM_DTYPE), mask=mask)
             if FACTORED:
-                row_state = tl.load(pointers + t * 8 + 4).to(tl.pointer_type(tl.float32))
-                col_state = tl.load(pointers + t * 8 + 5).to(tl.pointer_type(tl.float32))
+                row_state = tl.load(pointers + t * POINTERS + P_ROW).to(tl.pointer_type(tl.float32))
+                col_state = tl.load(pointers + t * POINTERS + P_COL).to(tl.pointer_type(tl.float32))
                 first_col = mask & (idx - q * cols == 0)
                 first_row = mask & (q - (q // rows) * rows == 0)
                 for j in tl.static_range(J):
@@ -794,30 +828,28 @@ def _apply_kernel(
                 for j in tl.static_range(J):
                     tl.store(full_ptr + j * n + idx, full_new[j], mask=mask)
             if block == 0:
-                step_ptr = tl.load(pointers + t * 8 + 6).to(tl.pointer_type(tl.int64))
+                step_ptr = tl.load(pointers + t * POINTERS + P_STEP).to(tl.pointer_type(tl.int64))
                 tl.store(step_ptr, tl.load(step_ptr) + 1)
         else:  # phase 0 of a CHECK tensor: is every new parameter finite? (and Σu² for the normalized output)
             if OUTPUT == 1:
-                # the scale rsqrt(mean u² + 1e-12) is at most 1e6: this bound on |p'| is known before it exists
-                limit = tl.abs(p) * (1.0 + tl.abs(decay)) + tl.abs(lr) * tl.abs(u) * (1e6 * STEP_MULT) * rms
-                bad = (u != u) | (tl.abs(u) == float("inf")) | ~(limit < 1e37)
-                tl.atomic_add(scal + OFF_FLAGS + 3, tl.sum(tl.where(mask, u * u, 0.0)))
+                # the scale rsqrt(mean u² + ε) is at most ε^-½: this bound on |p'| is known before it exists
+                limit = tl.abs(p) * (1.0 + tl.abs(decay)) + tl.abs(lr) * tl.abs(u) * (_NORMALIZED_SCALE_MAX * STEP_MULT) * rms
+                bad = (u != u) | (tl.abs(u) == float("inf")) | ~(limit < _FINITE_BOUND)
+                tl.atomic_add(scal + OFF_FLAGS + F_STEP_SQ, tl.sum(tl.where(mask, u * u, 0.0)))
             else:
                 bad = (new_param != new_param) | (tl.abs(new_param) == float("inf"))
-            tl.atomic_max(scal + OFF_FLAGS + 2, tl.max(tl.where(mask & bad, 1.0, 0.0)))
+            tl.atomic_max(scal + OFF_FLAGS + F_UPDATE_BAD, tl.max(tl.where(mask & bad, 1.0, 0.0)))
 
 
 # ---- launcher -----------------------------------------------------------------------------------------
 
 
 def _decay_constants(config: RuleConfig, device: torch.device) -> torch.Tensor:
-    """``[β_m (K) | 1−β_m (K) | β_f (J) | 1−β_f (J) | time scales (T)]`` in fp32, made the way
-    `features.update_accumulators` makes its decays (so ``1 − β`` rounds identically)."""
-    like = torch.empty((), device=device)
-    beta_m = F._decay_view(config.momentum_decays, 0, like)
-    beta_f = F._decay_view(config.factored_decays, 0, like)
+    """``[β_m (K) | 1−β_m (K) | β_f (J) | 1−β_f (J) | time scales (T)]`` in fp32, the decays made by
+    `vocabulary.decay_tensors` (as every back end makes them, so ``1 − β`` rounds identically)."""
+    decays = decay_tensors(config, device)
     scales = torch.tensor(config.time_scales, dtype=torch.float32, device=device)
-    return torch.cat([beta_m, 1 - beta_m, beta_f, 1 - beta_f, scales])
+    return torch.cat([decays["beta_m"], decays["one_minus_beta_m"], decays["beta_f"], decays["one_minus_beta_f"], scales])
 
 
 def _hidden_pad(config: RuleConfig) -> int:
@@ -841,8 +873,7 @@ def _pack_weights(config: RuleConfig, weights, h: int, device: torch.device) -> 
 
 
 def _plan_constexprs(config: RuleConfig, plan: FeaturePlan) -> dict:
-    use = {f"USE_{g.upper()}": plan.has(g) for g in ("g", "p", "m", "v", "mrs", "rs", "adam", "full", "rsfull", "afg", "afm")}
-    return dict(K=len(config.momentum_decays), J=len(config.factored_decays), **use)
+    return dict(K=len(config.momentum_decays), J=len(config.factored_decays), **plan.kernel_flags())
 
 
 def _numeric_constexprs(config: RuleConfig) -> dict:
@@ -874,7 +905,7 @@ def _output_constexprs(config: RuleConfig) -> dict:
 _TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def fused_learned_step_(
+def learned_step_(
     config: RuleConfig,
     weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
     params: Sequence[torch.Tensor],
@@ -885,7 +916,7 @@ def fused_learned_step_(
 ) -> None:
     """One learned step of every tensor in ``params``, in place, on the device (no host synchronization).
 
-    ``states`` are `LearnedOptimizer` states (``features.init_state`` + ``skipped_steps``), updated in place,
+    ``states`` are `LearnedOptimizer` states (``reference.init_state`` + ``skipped_steps``), updated in place,
     including ``step`` and ``skipped_steps``. All tensors must sit on one device (CUDA, or CPU in interpreter
     mode) and pass `tensor_unsupported_reason`; ``config`` must pass `unsupported_reason`.
     """
@@ -899,7 +930,7 @@ def fused_learned_step_(
     packed = _pack_weights(config, [(w.to(device, torch.float32), b.to(device, torch.float32)) for w, b in weights], h, device)
     classes: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        classes.setdefault((F.is_factored(p.shape), p.dtype, g.dtype), []).append(i)
+        classes.setdefault((is_factored(p.shape), p.dtype, g.dtype), []).append(i)
     for (factored, param_dtype, grad_dtype), members in classes.items():
         _launch_class(
             config, consts, packed, h, factored, param_dtype, grad_dtype,
@@ -941,13 +972,16 @@ def _launch_class(config, consts, packed, h, factored, param_dtype, grad_dtype, 
         else:
             reduce_counts.append(triton.cdiv(n, BLOCK_FLAT))
         apply_counts.append(triton.cdiv(n, BLOCK_APPLY))
-        meta.append([n, slices, rows, cols, scalars, row_area, col_area])
+        sizes = dict(numel=n, slices=slices, rows=rows, cols=cols, scalars=scalars, row_area=row_area, col_area=col_area)
+        meta.append([sizes[name] for name in META_COLUMNS])
         row_state = s["row_second_moment"] if factored else s["full_second_moment"]
-        col_state = s["col_second_moment"].data_ptr() if factored else 0
-        pointers.append([
-            p.data_ptr(), g.data_ptr(), s["momentum"].data_ptr(), s["second_moment"].data_ptr(),
-            row_state.data_ptr(), col_state, s["step"].data_ptr(), s["skipped_steps"].data_ptr(),
-        ])
+        addresses = dict(
+            param=p.data_ptr(), grad=g.data_ptr(), momentum=s["momentum"].data_ptr(),
+            second_moment=s["second_moment"].data_ptr(), row_or_full=row_state.data_ptr(),
+            col=s["col_second_moment"].data_ptr() if factored else 0, step=s["step"].data_ptr(),
+            skipped_steps=s["skipped_steps"].data_ptr(),
+        )
+        pointers.append([addresses[name] for name in POINTER_COLUMNS])
     meta_t = torch.tensor(meta, dtype=torch.int64, device=device)
     pointer_t = torch.tensor(pointers, dtype=torch.int64, device=device)
     scratch = torch.zeros(cursor, dtype=torch.float32, device=device)

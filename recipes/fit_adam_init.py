@@ -6,7 +6,7 @@ Adam's step ``1e-3 · m̂/(√v̂ + 1e-8)``. The result is a sane starting point
 
     python -m optbundle.recipes.fit_adam_init --out bundle/pretrained/adam-init --seed 0
 
-Everything runs through `optbundle.features` (the same math as `LearnedOptimizer`). Deterministic for a
+Everything runs through `optbundle.step.reference` (the same math as `LearnedOptimizer`). Deterministic for a
 fixed seed on CPU.
 """
 
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from optbundle import features as F
-from optbundle.rule import SMALL_FC_LOPT_FEATURES, LearnedRule, RuleConfig
+from optbundle.step import reference
+from optbundle.step.rule import SMALL_FC_LOPT_FEATURES, RuleConfig
+from optbundle.store.rule import LearnedRule
 
 ADAM_LR = 1e-3
 SAMPLE_STEPS = (1, 2, 3, 5, 8, 13, 20, 35, 60, 100, 170, 300, 500, 900, 1500)
@@ -73,24 +74,24 @@ def collect_samples(config: RuleConfig, problems: int, copies: int, generator: t
     for _ in range(problems):
         shape = random_shape(generator)
         param = torch.randn(copies, *shape, generator=generator)
-        state = F.init_state(config, shape, batch_shape=(copies,))
+        state = reference.init_state(config, shape, batch_shape=(copies,))
         wanted = set(SAMPLE_STEPS)
         for t, grad in enumerate(gradient_stream(shape, copies, max(SAMPLE_STEPS), generator), start=1):
             time_step = state["step"]
-            state = F.update_accumulators(config, grad, state, batch_dims=1)
+            state = reference.update_accumulators(config, grad, state, batch_dims=1)
             state["step"] = time_step + 1
             if t in wanted:
-                feats = F.compute_features(config, param, grad, state, batch_dims=1)
-                target = F.adam_direction(config, state, batch_dims=1).reshape(copies, -1)
+                feats = reference.compute_features(config, param, grad, state, batch_dims=1)
+                target = reference.adam_direction(config, state, batch_dims=1).reshape(copies, -1)
                 samples.append(
-                    (feats, F.feature_normalizers(config, feats), F.time_features(config, time_step), target)
+                    (feats, reference.feature_normalizers(config, feats), reference.time_features(config, time_step), target)
                 )
     return samples
 
 
 def rule_direction(config: RuleConfig, rule: LearnedRule, sample) -> torch.Tensor:
     feats, norms, time_feats, _ = sample
-    out = F.apply_network(config, rule.weights, feats, norms, time_feats)
+    out = reference.apply_network(config, rule.weights, feats, norms, time_feats)
     # step = d·exp(a·exp_mult)·step_mult with step_mult = Adam's lr: compare with Adam's direction
     return out[:, 0] * torch.exp(out[:, 1] * config.exp_mult)
 

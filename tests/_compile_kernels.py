@@ -19,7 +19,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from optbundle import LearnedRule, features as F, load_rule  # noqa: E402
+from optbundle import LearnedRule, load_rule  # noqa: E402
+from optbundle.step import reference as F  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 KERNELS = ["_reduce_kernel", "_rows_cols_kernel", "_reduce_adafactor_kernel", "_fold_kernel", "_apply_kernel"]
@@ -68,7 +69,7 @@ def main(rules: list[str], dtypes=(torch.float32, torch.bfloat16)) -> int:
                 state = F.init_state(config, s)
                 state["skipped_steps"] = torch.zeros((), dtype=torch.int64)
                 states.append(state)
-            K.fused_learned_step_(config, weights, params, [p.clone() for p in params], states, 1.0, 0.1)
+            K.learned_step_(config, weights, params, [p.clone() for p in params], states, 1.0, 0.1)
     target = GPUTarget("cuda", 90, 32)
     failures = 0
     for (name, _), (kernel, signature, constexprs) in seen.items():

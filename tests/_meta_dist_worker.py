@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from optbundle.format import atomic_write_bytes, save_safetensors_bytes
+from optbundle.files import atomic_write_bytes, save_safetensors_bytes
 from optbundle.meta import load_recipe
 from optbundle.meta.trainer import MetaTrainer
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from optbundle import features as F
+from optbundle.step import reference as F
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from optbundle import Bundle, BundleError, LearnedOptimizer, load_rule
-from optbundle.format import (
+from optbundle.files import (
     ChecksumError,
     CorruptFileError,
     FormatVersionError,
@@ -192,7 +192,7 @@ def test_failed_save_leaves_the_old_bundle_intact(trained, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr("optbundle.bundle.write_named_state", explode)
+    monkeypatch.setattr("optbundle.store.bundle.write_named_state", explode)
     with pytest.raises(OSError, match="disk full"):
         bundle.save_pretrained(path)
     after = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}

@@ -11,7 +11,7 @@ from helpers import digits_bert, digits_dataset, private_tqdm_lock, trainer_args
 from transformers import Trainer
 
 from optbundle import Bundle, load_rule
-from optbundle.checkpoints import ResumableCheckpointsCallback, is_complete_checkpoint, last_complete_checkpoint
+from optbundle.store.checkpoints import ResumableCheckpointsCallback, is_complete_checkpoint, last_complete_checkpoint
 
 STEPS = 8
 

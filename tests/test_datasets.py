@@ -9,9 +9,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from helpers import digits_dataset, one_thread  # noqa: F401 (autouse fixture)
 from optbundle import Bundle, load_rule
-from optbundle.assets import minilm_path
+from optbundle.store.assets import minilm_path
 from optbundle.cli import main
-from optbundle.refine import token_data
+from optbundle.meta.refine import token_data
 
 SMALL = dict(meta_steps=1, truncation=2, episode_length=[2, 4], pairs=1, batch_size=4, meta_batch_size=8,
              compare_steps=0, checkpoint_every=1, progress=False)

@@ -1,4 +1,4 @@
-"""The fast torch path (`optbundle.fast_step`, LearnedOptimizer's CPU default) against the torch reference.
+"""The fast torch path (`optbundle.step.fast_step`, LearnedOptimizer's CPU default) against the torch reference.
 
 Tolerances as stated in tests/_parity.py. Small ``chunk_elements`` force every chunking case on small
 tensors: chunks of whole slices, chunks of rows inside a slice, several chunks per unfactored tensor.
@@ -12,8 +12,8 @@ import torch
 import _parity
 from _parity import fresh_state, weights_of
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
-from optbundle import fast_step
-from optbundle import features as F
+from optbundle.step import fast_step
+from optbundle.step import reference as F
 
 SHAPES = [(), (7,), (33, 65), (4, 3, 5, 5), (1, 1), (257, 3), (3, 40, 24)]
 
@@ -149,14 +149,14 @@ def test_non_finite_gradient_or_update_changes_nothing(chunk_elements):
 
 
 def test_a_wrong_constant_breaks_parity(default_rule, monkeypatch):
-    original = fast_step._constants
+    original = fast_step.decay_tensors
 
     def wrong(config, device):
         consts = dict(original(config, device))
         consts["beta_m"] = consts["beta_m"] * (1 + 1e-4)
         return consts
 
-    monkeypatch.setattr(fast_step, "_constants", wrong)
+    monkeypatch.setattr(fast_step, "decay_tensors", wrong)
     with pytest.raises(AssertionError):
         _parity.run_parity(per_tensor(64), default_rule.config, default_rule, [(33, 65)], torch.float32, steps=4, lr=1.0)
 
@@ -176,7 +176,7 @@ def test_unsupported_tensor_falls_back_to_the_reference(default_rule):
 
 def test_small_tensors_take_the_reference_exactly(default_rule, monkeypatch):
     """At most SMALL_TENSOR elements: LearnedOptimizer's torch back end is the reference, bit for bit."""
-    from optbundle import optimizer as O
+    from optbundle.step import optimizer as O
 
     results = []
     for backend in ("torch", "reference"):

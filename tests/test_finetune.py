@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from optbundle import Bundle, load_rule
 from optbundle.cli import main
-from optbundle.finetune import load_recipe
+from optbundle.apps.finetune import load_recipe
 
 
 def test_minilm_recipe_runs_offline_and_writes_table_plot_and_bundle(tmp_path, capsys, monkeypatch):
@@ -50,7 +50,7 @@ def test_recipe_with_unknown_key_names_it(tmp_path):
 
 
 def test_recipe_rejects_a_dataset_that_does_not_fit_the_task(tmp_path):
-    from optbundle.finetune import build_datasets, load_tokenizer
+    from optbundle.apps.finetune import build_datasets, load_tokenizer
 
     recipe = load_recipe("recipes/minilm-sms-spam.yaml", {"dataset": "shakespeare"})
     with pytest.raises(ValueError, match="shakespeare"):

@@ -1,4 +1,4 @@
-"""The fused CPU back end (`fused_step`) against `features.learned_update`, through `LearnedOptimizer`.
+"""The fused CPU back end (`fused_step`) against `reference.learned_update`, through `LearnedOptimizer`.
 
 Most tests run the fused kernels' math eagerly (``fused_step.COMPILE = False``: the same Python, no compile);
 one smoke test compiles them (inductor's C++), once per process. Tolerances as in tests/_parity.py.
@@ -13,10 +13,10 @@ import torch
 from helpers import assert_non_finite_gradient_skips_that_tensor_only, one_thread  # noqa: F401
 
 from optbundle import LearnedOptimizer, load_rule
-from optbundle import features as F
-from optbundle import fused_step
-from optbundle import optimizer as O
-from optbundle.roles import regime_lr_factor
+from optbundle.step import fused_step
+from optbundle.step import optimizer as O
+from optbundle.step import reference as F
+from optbundle.step.roles import regime_lr_factor
 
 SHAPES = [  # (shape, role): 0-d, 1-element, odd sizes, factored matrices, 1×n, conv, every role
     ((), "vector"), ((1,), "vector"), ((7,), "vector"), ((33, 17), "matrix"), ((33, 17), "matrix"),
@@ -178,7 +178,7 @@ def test_compile_failure_falls_back_to_the_reference_with_one_log(monkeypatch, c
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
     opt = LearnedOptimizer(params, rule)
-    with caplog.at_level(logging.WARNING, logger="optbundle.fused_step"):
+    with caplog.at_level(logging.WARNING, logger="optbundle.step.fused_step"):
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()

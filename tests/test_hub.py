@@ -15,10 +15,10 @@ from huggingface_hub import HfApi, ModelCard, constants
 from transformers import BertConfig, BertForSequenceClassification
 
 from optbundle import Bundle, BundleError, LearnedRule, load_rule
-from optbundle.card import REPO_PLACEHOLDER, card_for_repo, is_generated_card, seal_card
+from optbundle.store.card import REPO_PLACEHOLDER, card_for_repo, is_generated_card, seal_card
 from optbundle.cli import main
-from optbundle.format import MANIFEST_NAME, ChecksumError, MissingFileError, read_json_file
-from optbundle.hub import HubError, cached_commit, pull_repo
+from optbundle.files import MANIFEST_NAME, ChecksumError, MissingFileError, read_json_file
+from optbundle.store.hub import HubError, cached_commit, pull_repo
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_push_uploads_nothing_but_the_bundle(hub, tmp_path):
     bundle = trained_bundle()
     folder = bundle.save_pretrained(tmp_path / "b")
     (folder / "notes.txt").write_text("scratch")  # not in the manifest: not published
-    from optbundle.hub import push_directory
+    from optbundle.store.hub import push_directory
 
     push_directory(folder, "alice/only-manifest")
     assert "notes.txt" not in hub.files("alice/only-manifest")
@@ -153,7 +153,7 @@ def test_push_refuses_a_damaged_local_bundle(hub, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    from optbundle.hub import push_directory
+    from optbundle.store.hub import push_directory
 
     with pytest.raises(ChecksumError, match="model.safetensors"):
         push_directory(folder, "alice/damaged")
@@ -267,7 +267,7 @@ def test_a_manifest_path_escaping_the_repo_is_refused_before_download(hub):
     manifest = json.loads(hub.files("alice/evil")[MANIFEST_NAME])
     manifest["files"]["../../outside.json"] = {"size": 2, "sha256": "0" * 64}
     hub.tamper("alice/evil", MANIFEST_NAME, json.dumps(manifest).encode())
-    from optbundle.format import UnsafePathError
+    from optbundle.files import UnsafePathError
 
     with pytest.raises(UnsafePathError, match="outside.json"):
         Bundle.from_pretrained("alice/evil")

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from optbundle import Bundle, LearnedOptimizer, LearnedRule, RuleConfig, load_rule
-from optbundle import features as F
-from optbundle.bundle import detect_regime, model_roles
-from optbundle.format import RuleConfigError
+from optbundle.step import reference as F
+from optbundle.store.bundle import detect_regime, model_roles
+from optbundle.files import RuleConfigError
 from optbundle.meta import tasks as T
 from optbundle.meta import unroll as U
-from optbundle.pretrained import PRETRAINED_DIR
-from optbundle.roles import assign_roles, step_multiplier
+from optbundle.store.pretrained import PRETRAINED_DIR
+from optbundle.step.roles import assign_roles, step_multiplier
 
 HYBRID = dict(
     format_version=2,
@@ -330,8 +330,8 @@ def test_format2_state_is_16_bytes_per_parameter():
 def test_bundle_records_roles_and_knows_it_is_pretrained(tmp_path):
     from helpers import digits_bert
 
-    from optbundle.bundle import read_roles
-    from optbundle.format import CorruptFileError
+    from optbundle.store.bundle import read_roles
+    from optbundle.files import CorruptFileError
 
     model = digits_bert()
     override = {"bert.pooler.dense.weight": "head"}

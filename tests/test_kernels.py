@@ -31,8 +31,8 @@ pytest.importorskip("triton")
 
 from helpers import assert_non_finite_gradient_skips_that_tensor_only  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
-from optbundle import features as F  # noqa: E402
-from optbundle import optimizer as O  # noqa: E402
+from optbundle.step import reference as F  # noqa: E402
+from optbundle.step import optimizer as O  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 import _parity  # noqa: E402
@@ -80,7 +80,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def fused(config, weights, params, grads, states, lr, weight_decay):
-    K.fused_learned_step_(config, weights, params, grads, states, lr, weight_decay)
+    K.learned_step_(config, weights, params, grads, states, lr, weight_decay)
 
 
 def run_parity(config, rule, shapes, dtype, steps, lr, weight_decay=0.1, seed=0):
@@ -290,12 +290,12 @@ def test_unsupported_rule_falls_back_with_a_logged_reason(monkeypatch, caplog):
     assert "gelu" in K.unsupported_reason(config)
     rule = LearnedRule(config)
     launched = []
-    monkeypatch.setattr(K, "fused_learned_step_", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(K, "learned_step_", lambda *a, **k: launched.append(a))
     p = torch.nn.Parameter(torch.randn(4, 4))
     q = p.detach().clone()
     opt = LearnedOptimizer([p], rule)
     p.grad = torch.randn(4, 4)
-    with caplog.at_level(logging.INFO, logger="optbundle.optimizer"):
+    with caplog.at_level(logging.INFO, logger="optbundle.step.optimizer"):
         opt.step()
     assert not launched
     assert any("gelu" in r.getMessage() for r in caplog.records)

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 import _parity  # noqa: E402
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule  # noqa: E402
-from optbundle import optimizer as O  # noqa: E402
+from optbundle.step import optimizer as O  # noqa: E402
 from optbundle.kernels import learned_step as K  # noqa: E402
 
 if K.interpreter_active():
@@ -28,7 +28,7 @@ LARGE = [(1024, 4096), (3, 128, 512), (1 << 20,), (64, 64, 3, 3), (50_000, 17)]
 
 
 def fused(config, weights, params, grads, states, lr, weight_decay):
-    K.fused_learned_step_(config, weights, params, grads, states, lr, weight_decay)
+    K.learned_step_(config, weights, params, grads, states, lr, weight_decay)
 
 
 def on_cuda(step_fn):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from optbundle.format import load_safetensors_file
+from optbundle.files import load_safetensors_file
 from optbundle.meta import MetaTrainConfig, MetaTrainer, flatten_rule
 
 WORKER = Path(__file__).resolve().parent / "_meta_dist_worker.py"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from optbundle import LearnedRule, RuleConfig
-from optbundle import features as F
+from optbundle.step import reference as F
 from optbundle.meta import estimators as E
 from optbundle.meta import unroll as U
 

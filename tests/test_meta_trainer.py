@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from optbundle import LearnedRule, load_rule
-from optbundle import features as F
-from optbundle.format import load_safetensors_file
+from optbundle.step import reference as F
+from optbundle.files import load_safetensors_file
 from optbundle.meta import MetaTrainConfig, MetaTrainer, ModuleTask, tasks as T, unroll as U
 from optbundle.meta.evaluate import adam_rule, loss_curves
 

@@ -13,8 +13,8 @@ from transformers import Trainer
 
 from helpers import digits_bert, digits_dataset, params_of, trainer_args
 from optbundle import LearnedOptimizer, load_rule
-from optbundle.online import OnlineRefinementCallback
-from optbundle.optimizer import constant_schedule
+from optbundle.meta.online import OnlineRefinementCallback
+from optbundle.step.optimizer import constant_schedule
 
 STEPS = 12
 

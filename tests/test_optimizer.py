@@ -7,7 +7,7 @@ import torch
 
 from helpers import assert_non_finite_gradient_skips_that_tensor_only
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
-from optbundle import features as F
+from optbundle.step import reference as F
 
 
 def make_params(dtype=torch.float32):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from optbundle import LearnedOptimizer, LearnedRule, RuleConfig
-from optbundle import features as F
-from optbundle.rule import FEATURE_GROUPS, SMALL_FC_LOPT_FEATURES
+from optbundle.step import reference as F
+from optbundle.step.rule import FEATURE_GROUPS, SMALL_FC_LOPT_FEATURES
 
 
 def plain_indices(shape):

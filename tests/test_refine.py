@@ -12,7 +12,7 @@ import torch
 from helpers import digits_bert, digits_dataset
 from optbundle import Bundle, LearnedOptimizer, load_rule
 from optbundle.meta import unroll as U
-from optbundle.refine import RefineConfig, TransformersTask, token_data
+from optbundle.meta.refine import RefineConfig, TransformersTask, token_data
 
 SMALL = dict(meta_steps=3, truncation=2, episode_length=[3, 6], pairs=2, batch_size=8, meta_batch_size=16,
              compare_steps=4, checkpoint_every=1, progress=False, sigma=0.05, outer_lr=0.05)
@@ -151,7 +151,7 @@ def test_cli_refine_minilm_recipe(tmp_path, capsys):
     assert loaded.rule.provenance["data"]["name"] == "sms-spam"
     assert loaded.rule.provenance["parent_rule"] == load_rule("adam-init").content_hash()
     # the refined adapter bundle trains: a few learned steps lower the loss on a fixed batch
-    from optbundle.finetune import ModelArguments, load_tokenizer
+    from optbundle.apps.finetune import ModelArguments, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model="minilm"))
     batch = tokenizer(["free prize call now", "see you at lunch", "win cash today", "ok thanks"], padding=True,

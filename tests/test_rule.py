@@ -7,8 +7,8 @@ import torch
 
 import optbundle
 from optbundle import BundleError, LearnedOptimizer, LearnedRule, RuleConfig, load_rule
-from optbundle import features as F
-from optbundle.format import CorruptFileError, FormatVersionError, RuleConfigError
+from optbundle.step import reference as F
+from optbundle.files import CorruptFileError, FormatVersionError, RuleConfigError
 
 
 def test_config_json_round_trip_stores_every_constant():

@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from helpers import digits_bert, digits_dataset, params_of, trainer_args, one_thread  # noqa: F401 (autouse fixture)
 from optbundle import Bundle, BundleCallback, load_rule
-from optbundle.format import MANIFEST_NAME, ChecksumError, read_json_file
+from optbundle.files import MANIFEST_NAME, ChecksumError, read_json_file
 
 LICENSE = "apache-2.0"
 BASE = "prajjwal1/bert-tiny"

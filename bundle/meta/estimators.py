@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rule import RuleConfig
+from ..step.rule import RuleConfig
 from . import unroll as U
 
 

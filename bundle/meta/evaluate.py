@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from ..rule import LearnedRule, RuleConfig
+from ..step import reference
+from ..step.rule import RuleConfig
+from ..store.rule import LearnedRule
 from . import tasks as T
 from . import unroll as U
 
@@ -49,13 +51,4 @@ def loss_curves(
 
 
 def _init(config: RuleConfig, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    from .. import features as F
-
-    return F.init_state(config, value.shape[1:], batch_shape=value.shape[:1])
-
-
-def mean_log_progress(curves: torch.Tensor) -> float:
-    """``mean_t log(L_t / L_0)`` over seeds (lower is better; non-finite → log 1.5)."""
-    ratio = curves / curves[:, :1]
-    ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1.5)).clamp(1e-4, 1.5)
-    return float(torch.log(ratio).mean())
+    return reference.init_state(config, value.shape[1:], batch_shape=value.shape[:1])

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import data
@@ -314,8 +315,6 @@ def pretrain_cache_dir() -> Path:
 def pretrained_weights(source: Task, steps: int) -> Params:
     """``PRETRAINED_COPIES`` copies of ``source`` trained from seeds 0..3 with AdamW (lr `PRETRAIN_LR`, batch
     from the task) for ``steps`` steps; computed once per (spec, steps) and cached as safetensors."""
-    from safetensors.torch import load_file, save_file
-
     key = hashlib.sha256(json.dumps({"spec": source.spec, "steps": steps, "lr": PRETRAIN_LR}, sort_keys=True).encode())
     path = pretrain_cache_dir() / f"{key.hexdigest()[:20]}.safetensors"
     if path.exists():

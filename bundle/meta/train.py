@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-from pathlib import Path
 
+from ..store.pretrained import PRETRAINED_DIR
 from .trainer import MetaTrainer, load_recipe
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--init", default=None, help="override the recipe's starting φ (adam-init / scratch / dir)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--ship", default=None, help="copy the finished rule to optbundle/pretrained/NAME")
+    parser.add_argument("--ship", default=None, help="copy the finished rule to optbundle/store/pretrained/NAME")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_recipe(
@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(f"rule saved to {trainer.out_dir / 'rule'} (meta-steps {trainer.meta_step}, {trainer.wall_time_s:.0f}s)")
         if args.ship:
-            from optbundle.pretrained import PRETRAINED_DIR
-
             target = PRETRAINED_DIR / args.ship
             shutil.rmtree(target, ignore_errors=True)
             rule.save_pretrained(target)

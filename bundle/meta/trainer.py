@@ -29,8 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..format import atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
-from ..rule import LearnedRule, RuleConfig
+from ..files import VERSION, atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
+from ..recipes import recipe_path
+from ..step.rule import RuleConfig
+from ..store.rule import LearnedRule, load_rule
 from . import estimators as E
 from . import unroll as U
 
@@ -104,8 +106,6 @@ def load_recipe(name_or_path: str | Path, **overrides: Any) -> MetaTrainConfig:
     """A `MetaTrainConfig` from a shipped recipe name (``recipes/NAME.yaml``) or a YAML path, plus overrides."""
     import yaml
 
-    from optbundle.recipes import recipe_path
-
     path = recipe_path(str(name_or_path))
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", path.stem)
@@ -115,8 +115,6 @@ def load_recipe(name_or_path: str | Path, **overrides: Any) -> MetaTrainConfig:
 
 def code_version() -> str:
     """optbundle's version plus the git commit of the source tree when there is one."""
-    from optbundle import __version__
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -127,14 +125,12 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{__version__}+g{commit}" if commit else __version__
+    return f"{VERSION}+g{commit}" if commit else VERSION
 
 
 def initial_rule(config: MetaTrainConfig) -> LearnedRule:
     """The starting φ named by ``config.init`` (deterministic for ``config.seed``)."""
     if config.init == "adam-init":
-        from optbundle import load_rule
-
         return load_rule("adam-init")
     if config.init == "scratch":
         rule_config = RuleConfig(**config.rule_config)
@@ -271,7 +267,7 @@ class MetaTrainer:
     def train(self) -> LearnedRule | None:
         """Run to ``config.meta_steps`` (checkpointing on the way); returns the trained rule, or ``None``
         when ``max_wall_time_s`` stopped the run early (resume by running again with the same config)."""
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # loaded on first use
 
         c = self.config
         session_start = time.perf_counter()
@@ -354,10 +350,10 @@ class MetaTrainer:
 
     def plot(self, path: Path) -> None:
         """PNG of the per-step meta-loss and its running mean."""
-        import matplotlib
+        import matplotlib  # heavy: only for the plot
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: only for the plot
 
         steps = [r["meta_step"] for r in self.history]
         losses = [r["meta_loss"] for r in self.history]

@@ -1,7 +1,7 @@
-"""Vectorized truncated unrolls: many task copies advance together through `features.learned_update`.
+"""Vectorized truncated unrolls: many task copies advance together through `reference.learned_update`.
 
 φ is handled as one flat vector ``θ`` (`flatten_rule` / `unflatten_weights`); a batch of perturbed copies
-``θ + ε_c`` unflattens to weights with a leading copy dim, which `features.learned_update` accepts with
+``θ + ε_c`` unflattens to weights with a leading copy dim, which `reference.learned_update` accepts with
 ``batch_dims=1`` (one perturbed φ per copy). Parameters of every copy are stacked ``(C, *S)``, the loss is one
 batched forward (`tasks.py`), and each parameter tensor is updated for all copies by one call of the step
 math, so the Python work per inner step does not grow with the number of copies.
@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from .. import features as F
-from ..roles import assign_roles, regime_lr_factor
-from ..rule import LearnedRule, RuleConfig
+from ..step import reference
+from ..step.roles import assign_roles, regime_lr_factor
+from ..step.rule import RuleConfig
+from ..store.rule import LearnedRule
 from . import tasks as T
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]
@@ -114,7 +115,7 @@ def parameter_mask(config: RuleConfig, trainable: str | Sequence[str] = "all") -
 
 
 def task_roles(task: T.Task, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Role of each stacked parameter (`optbundle.roles`, from names and per-copy shapes), cached on the task."""
+    """Role of each stacked parameter (`optbundle.step.roles`, from names and per-copy shapes), cached on the task."""
     roles = getattr(task, "_optbundle_roles", None)
     if roles is None or set(roles) != set(params):
         names = list(params)
@@ -166,7 +167,7 @@ def inner_step(
     with context:
         for name, leaf, grad in zip(names, leaves, grads):
             param = leaf if differentiable else leaf.detach()
-            new_params[name], new_accumulators[name] = F.learned_update(
+            new_params[name], new_accumulators[name] = reference.learned_update(
                 config, weights, param, grad.detach(), accumulators[name], batch_dims=1, role=roles[name],
                 lr=lr * regime_lr_factor(config, roles[name], getattr(task, "regime", "scratch")),
             )
@@ -295,7 +296,7 @@ def reset_group(
         k: (
             {key: group.repeat(value.unsqueeze(0).expand(group.instances, *value.shape).clone()) for key, value in shipped[k].items()}
             if k in shipped
-            else F.init_state(config, v.shape[1:], batch_shape=(group.copies,))
+            else reference.init_state(config, v.shape[1:], batch_shape=(group.copies,))
         )
         for k, v in group.params.items()
     }

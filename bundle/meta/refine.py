@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import features as F
-from .meta import tasks as T
-from .rule import LearnedRule
+from ..step import reference
+from . import tasks as T
+from ..step.optimizer import LearnedOptimizer
+from ..store.bundle import Bundle
+from ..store.rule import LearnedRule
+from .trainer import MetaTrainConfig, MetaTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +303,7 @@ class TransformersTask(T.ModuleTask):
             shipped = self.initial_state.get(name)
             if not shipped:
                 continue
-            expected = F.init_state(config, value.shape)
+            expected = reference.init_state(config, value.shape)
             if all(k in shipped and tuple(shipped[k].shape) == tuple(v.shape) for k, v in expected.items()):
                 out[name] = {k: shipped[k].to(v.dtype) for k, v in expected.items()}
         return out
@@ -339,7 +342,7 @@ def finetune_curve(
     The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
     receives the named trainable parameters. ``progress``: a tqdm bar over the steps, labelled ``desc``.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # loaded on first use
 
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -368,8 +371,6 @@ def finetune_curve(
 
 def learned_optimizer_factory(rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float = 1.0):
     """A `finetune_curve` optimizer factory for a rule (starting from a bundle's named accumulators)."""
-    from .optimizer import LearnedOptimizer
-
     def make(named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         optimizer = LearnedOptimizer(named, rule, lr=lr)
         if state:
@@ -398,8 +399,6 @@ def with_lr_folded(rule: LearnedRule, lr: float) -> LearnedRule:
 
 
 def _meta_config(cfg: RefineConfig, parent_hash: str):
-    from .meta.trainer import MetaTrainConfig
-
     return MetaTrainConfig(
         name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", estimator=cfg.estimator, sigma=cfg.sigma,
         truncation=cfg.truncation, episode_length=tuple(cfg.episode_length), task_groups=cfg.task_groups,
@@ -419,9 +418,6 @@ def refine_bundle(
 ):
     """`Bundle.refine` (see there). Returns the refined `Bundle`, or ``None`` when ``max_wall_time_s`` stopped
     the run early (call again with the same arguments to resume from ``out_dir``)."""
-    from .bundle import Bundle
-    from .meta.trainer import MetaTrainer
-
     cfg = RefineConfig.from_kwargs(**options)
     if len(bundle.rules) > 1:
         raise ValueError(
@@ -505,10 +501,10 @@ def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, s
 
 def plot_refinement(trainer: Any, comparison: dict[str, Any], path: Path) -> None:
     """Two panels: the meta-loss per meta-step, and held-out loss while fine-tuning with parent vs refined."""
-    import matplotlib
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for the plot
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     history = trainer.history
@@ -535,59 +531,3 @@ def _pad_token_id(bundle: Any, model: nn.Module) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-# ---- recipes: optbundle refine RECIPE.yaml ---------------------------------------------------------------
-
-
-@dataclass
-class RefineSource:
-    """Where the bundle to refine comes from, and where the refined one goes."""
-
-    bundle: str | None = field(default=None, metadata={"help": "a bundle folder to refine (else model + rule)"})
-    rule: str = field(default="default", metadata={"help": "rule for a bundle built from `model` (name, folder, Hub id)"})
-    model_seed: int = field(default=0, metadata={"help": "seed of the fresh task head when building from `model`"})
-    output_bundle: str | None = field(default=None, metadata={"help": "where to save the refined bundle (default: out_dir/bundle)"})
-
-
-@dataclass
-class RefineRecipe:
-    model: Any
-    data: Any
-    source: RefineSource
-    config: RefineConfig
-
-
-def load_refine_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RefineRecipe:
-    """Parse a refinement recipe: the `finetune` model/data keys, `RefineSource` and `RefineConfig` keys."""
-    from .finetune import DataArguments, ModelArguments, parse_recipe
-    from .recipes import recipe_path
-
-    stem = recipe_path(str(path)).stem
-    _, (model, data_args, source, config) = parse_recipe(
-        path, (ModelArguments, DataArguments, RefineSource, RefineConfig), dict(overrides or {}), defaults={"name": stem}
-    )
-    config.max_tokens = data_args.max_length
-    return RefineRecipe(model, data_args, source, config)
-
-
-def run_refine_recipe(recipe: RefineRecipe):
-    """Build (or load) the bundle, refine it on the recipe's data, save the refined bundle; returns it."""
-    from . import load_rule
-    from .bundle import Bundle
-    from .finetune import build_datasets, load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model)
-    if recipe.source.bundle:
-        bundle = Bundle.from_pretrained(recipe.source.bundle)
-        bundle.tokenizer = bundle.tokenizer or tokenizer
-    else:
-        model = load_model(recipe.model, recipe.source.model_seed, tokenizer)
-        bundle = Bundle(model, load_rule(recipe.source.rule), tokenizer=tokenizer)
-    train, held_out = build_datasets(recipe.data, recipe.model, tokenizer)
-    refined = bundle.refine(train, held_out, dataset_name=recipe.data.dataset, **dataclasses.asdict(recipe.config))
-    if refined is None:
-        return None
-    target = Path(recipe.source.output_bundle or Path(recipe.config.out_dir) / "bundle")
-    refined.save_pretrained(target)
-    return refined, target

@@ -9,6 +9,7 @@ bundle behind.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -22,10 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import safetensors.torch
 import torch
 
 logger = logging.getLogger(__name__)
 
+VERSION = "0.1.0"  # optbundle's version (pyproject.toml's), written into every manifest
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 # The model card is documentation that users edit on the Hub; it is never read to load anything, so the
@@ -258,9 +261,7 @@ def parse_json_text(text: str, *, source: str) -> Any:
 
 def save_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """safetensors bytes that depend only on ``tensors`` and ``metadata`` (the same input gives the same bytes)."""
-    from safetensors.torch import save
-
-    return _canonical_safetensors_header(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return _canonical_safetensors_header(safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _canonical_safetensors_header(data: bytes) -> bytes:
@@ -354,8 +355,6 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file into CPU tensors after `read_safetensors_header` checked its header; any parse
     failure is a `CorruptFileError` naming the file."""
-    from safetensors.torch import load
-
     path = Path(path)
     read_safetensors_header(path)
     try:
@@ -363,19 +362,8 @@ def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     except OSError as err:
         raise MissingFileError(f"{path}: cannot be read ({short_repr(err, 200)})") from err
     try:
-        return load(data)
+        return safetensors.torch.load(data)
     except Exception as err:  # safetensors raises SafetensorError / ValueError / OSError variants
-        raise CorruptFileError(f"{path}: not a valid safetensors file ({short_repr(str(err), 200)})") from err
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    read_safetensors_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as err:
         raise CorruptFileError(f"{path}: not a valid safetensors file ({short_repr(str(err), 200)})") from err
 
 
@@ -398,8 +386,6 @@ def check_relative_path(name: str, *, source: str) -> PurePosixPath:
 
 def build_manifest(directory: Path, *, kind: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """List every file under ``directory`` (except the manifest) with its size and sha256."""
-    from . import __version__
-
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
@@ -410,7 +396,7 @@ def build_manifest(directory: Path, *, kind: str, extra: dict[str, Any] | None =
     manifest = {
         "format": "optbundle",
         "format_version": BUNDLE_FORMAT_VERSION,
-        "optbundle_version": __version__,
+        "optbundle_version": VERSION,
         "kind": kind,
         "files": files,
     }
@@ -450,7 +436,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 #: Files `transformers.Trainer` writes beside the model in a checkpoint (or output) folder. They are pickles
 #: that only Trainer's resume reads; transformers' and PEFT's ``from_pretrained`` and optbundle never open them,
-#: so a Trainer checkpoint that is also a bundle (`optbundle.trainer.BundleCallback`) may hold them.
+#: so a Trainer checkpoint that is also a bundle (`optbundle.store.trainer.BundleCallback`) may hold them.
 TRAINER_FILES = (
     "optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state.pth", "rng_state_*.pth",
     "trainer_state.json", "*_results.json",
@@ -458,8 +444,6 @@ TRAINER_FILES = (
 
 
 def is_trainer_file(name: str) -> bool:
-    import fnmatch
-
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRAINER_FILES)
 
 

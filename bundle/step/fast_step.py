@@ -1,6 +1,6 @@
-"""Fast torch path of the learned step: `features.learned_update`'s math, organized for speed, in place.
+"""Fast torch path of the learned step: `reference.learned_update`'s math, organized for speed, in place.
 
-`features.py` states the math once, per tensor, with whole-tensor ops that materialize every feature column
+`reference.py` states the math once, per tensor, with whole-tensor ops that materialize every feature column
 (``F × N`` floats: 1.1 GB for 10M parameters and a 28-column rule). This module computes the same step for
 `LearnedOptimizer` without that, in cache-sized chunks of whole rows:
 
@@ -11,7 +11,7 @@
    pass: with ``rf² = mean(row')/row'`` and ``cf² = 1/col'``, ``Σ (g·rf·cf)² = mean(row') · Σ_c A_c / col'_c``
    where ``A_c = Σ_r g²_rc / row'_r`` is accumulated here.
 2. **finalize** (small tensors): new column statistics, per-feature normalizers, φ's first layer with the
-   normalizers and time features folded in (as `features.apply_network` does). Row and column features are
+   normalizers and time features folded in (as `reference.apply_network` does). Row and column features are
    constant along a row/column, so they enter as rank-1 terms (``H × rows`` and ``H × columns``) instead of
    ``H × N`` work in the per-coordinate matmul. Then a **finiteness proof**: the feature bounds pushed through
    ``|W|`` bound the step and the new parameter (`update_is_surely_finite`).
@@ -22,7 +22,7 @@
    whose gradient or update is not finite is left untouched, as `LearnedOptimizer` promises.
 
 Rounding follows the reference op by op where that is free (EMAs, output form, parameter update); sums and
-the first layer are regrouped, so results agree with `features.learned_update` to fp32 rounding (tests:
+the first layer are regrouped, so results agree with `reference.learned_update` to fp32 rounding (tests:
 tests/test_fast_step.py, tolerances in tests/_parity.py).
 
 Threads: every op runs on one intra-op thread (`single_threaded_ops`): tens of thousands of small OpenMP
@@ -32,7 +32,7 @@ instead (``workers``), in a fixed order, so results stay deterministic.
 Small tensors (≤ `SMALL_TENSOR` elements: biases, norms) are better served by the plain reference, whose fixed
 cost per tensor is lower; `LearnedOptimizer` sends them there.
 
-Only ``batch_dims == 0`` (the optimizer's case); meta-training uses `features.py` directly.
+Only ``batch_dims == 0`` (the optimizer's case); meta-training uses `reference.py` directly.
 """
 
 from __future__ import annotations
@@ -44,125 +44,28 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import features as F
+from . import reference
 from .rule import RuleConfig
+from .vocabulary import (
+    MAX_GRADIENT_SQUARE_SUM,
+    NORMALIZED_EPS,
+    STACKED_CODES,
+    FeaturePlan,
+    activate_,
+    adam_direction_from_moments,
+    bias_corrections,
+    decay_tensors,
+    exp_bound,
+    feature_plan,
+    is_factored,
+    surely_finite,
+)
 
 #: Elements per chunk: large enough that per-op overhead (≈2 µs × ~50 ops per chunk) stays small, small enough
 #: that a chunk's feature matrix and temporaries stay in L3. Measured on a 2-core AMD EPYC, one 10M matrix, one
 #: thread, CPU time per step for rules default-v1 / adam-init: 16K 240/280 ms, 32K 185/227, 64K 168/193,
 #: 128K 158/202, 256K 186/258.
 CHUNK_ELEMENTS = 1 << 17
-
-#: Elementwise feature groups in the row order of the feature matrix ``X``. ``afg``/``afm`` (Adafactor
-#: grad/momentum) come last: for factored tensors they need the final column statistics, so pass 1 gets their
-#: sums of squares from the ``A``/``B`` column vectors instead of from ``X``.
-_GROUP_ORDER = ("g", "p", "m", "v", "mrs", "rs", "adam", "full", "rsfull", "afg", "afm")
-
-
-@dataclass(frozen=True)
-class FeaturePlan:
-    """Where each of φ's (non-time) input columns comes from, for factored or unfactored tensors.
-
-    ``slots``: ``(group, width)`` row blocks of the elementwise feature matrix ``X``, in order.
-    ``direct_rows``: rows ``[0, direct_rows)`` of ``X`` get their sums of squares directly in pass 1.
-    ``columns``: per input column, ``("x", row)``, ``("row", i)`` or ``("col", i)``; row/column features are
-    indexed in ``[stat_0 … stat_{J−1}, rsqrt_0 … rsqrt_{J−1}]``.
-    """
-
-    factored: bool
-    slots: tuple[tuple[str, int], ...]
-    direct_rows: int
-    columns: tuple[tuple[str, int], ...]
-
-    def positions(self, kind: str) -> tuple[list[int], list[int]]:
-        """(input columns of ``kind``, their indices in X / the row / the column features)."""
-        chosen = [(i, index) for i, (k, index) in enumerate(self.columns) if k == kind]
-        return [i for i, _ in chosen], [index for _, index in chosen]
-
-    def offset(self, group: str) -> int:
-        row = 0
-        for name, width in self.slots:
-            if name == group:
-                return row
-            row += width
-        raise KeyError(group)
-
-    def has(self, group: str) -> bool:
-        return any(name == group for name, _ in self.slots)
-
-    @property
-    def num_rows(self) -> int:
-        return sum(width for _, width in self.slots)
-
-
-_PLANS: dict[tuple[str, bool], FeaturePlan] = {}
-_PLANS_BY_ID: dict[tuple[int, bool], tuple[RuleConfig, FeaturePlan]] = {}
-
-
-def feature_plan(config: RuleConfig, factored: bool) -> FeaturePlan:
-    """The `FeaturePlan` of ``config`` (cached by the config's JSON, and by identity for speed)."""
-    hit = _PLANS_BY_ID.get((id(config), factored))
-    if hit is not None and hit[0] is config:
-        return hit[1]
-    key = (config.to_json(), factored)
-    if key not in _PLANS:
-        _PLANS[key] = _make_plan(config, factored)
-    if len(_PLANS_BY_ID) > 256:
-        _PLANS_BY_ID.clear()
-    _PLANS_BY_ID[(id(config), factored)] = (config, _PLANS[key])
-    return _PLANS[key]
-
-
-def _make_plan(config: RuleConfig, factored: bool) -> FeaturePlan:
-    k, j = len(config.momentum_decays), len(config.factored_decays)
-    widths = {"g": 1, "p": 1, "m": k, "v": 1, "mrs": k, "rs": 1, "adam": 1, "full": j, "rsfull": j, "afg": j, "afm": k}
-    refs: list[tuple[str, str, int]] = []  # (kind, group, index) per input column
-    for name in config.features:
-        if name == "time":
-            continue
-        width = config.feature_width(name)
-        for i in range(width):
-            if name == "grad":
-                refs.append(("x", "g", 0))
-            elif name == "param":
-                refs.append(("x", "p", 0))
-            elif name == "momentum":
-                refs.append(("x", "m", i))
-            elif name == "second_moment":
-                refs.append(("x", "v", 0))
-            elif name == "momentum_rsqrt_second_moment":
-                refs.append(("x", "mrs", i))
-            elif name == "rsqrt_second_moment":
-                refs.append(("x", "rs", 0))
-            elif name == "adafactor_grad":
-                refs.append(("x", "afg", i))
-            elif name == "adafactor_momentum":
-                refs.append(("x", "afm", i))
-            elif name == "adam_direction":
-                refs.append(("x", "adam", 0))
-            elif name in ("row_second_moment", "col_second_moment"):
-                kind = "row" if name.startswith("row") else "col"
-                refs.append((kind, "stat", i) if factored else ("x", "full", i))
-            elif name in ("rsqrt_row_second_moment", "rsqrt_col_second_moment"):
-                kind = "row" if name.startswith("rsqrt_row") else "col"
-                refs.append((kind, "rsqrt", i) if factored else ("x", "rsfull", i))
-            else:  # pragma: no cover - RuleConfig.validate() rejects unknown names
-                raise ValueError(name)
-    used = {group for kind, group, _ in refs if kind == "x"}
-    slots = tuple((g, widths[g]) for g in _GROUP_ORDER if g in used)
-    offsets, row = {}, 0
-    for name, width in slots:
-        offsets[name] = row
-        row += width
-    direct = sum(w for g, w in slots if not (factored and g in ("afg", "afm")))
-    columns = []
-    for kind, group, i in refs:
-        if kind == "x":
-            columns.append(("x", offsets[group] + i))
-        else:
-            columns.append((kind, i if group == "stat" else j + i))
-    return FeaturePlan(factored=factored, slots=slots, direct_rows=direct, columns=tuple(columns))
-
 
 class single_threaded_ops:
     """Run torch ops with one intra-op thread inside the block, restoring the setting after.
@@ -248,14 +151,6 @@ def _arena_rows(config: RuleConfig, plan: FeaturePlan) -> int:
 # ---- small helpers ------------------------------------------------------------------------------------
 
 
-def _constants(config: RuleConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Decays as fp32 tensors, made exactly as `features.update_accumulators` makes them."""
-    like = torch.empty((), device=device)
-    beta_m = F._decay_view(config.momentum_decays, 0, like)  # (K,)
-    beta_f = F._decay_view(config.factored_decays, 0, like)  # (J,)
-    return {"beta_m": beta_m, "one_minus_beta_m": 1 - beta_m, "beta_f": beta_f, "one_minus_beta_f": 1 - beta_f}
-
-
 def _view(decays: torch.Tensor, rank: int) -> torch.Tensor:
     return decays.view(-1, *([1] * rank))
 
@@ -331,7 +226,7 @@ def _views(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tenso
     k = state["momentum"].shape[0]
     grad = grad if grad.is_contiguous() else grad.contiguous()
     n = param.numel()
-    if F.is_factored(shape):
+    if is_factored(shape):
         c, r = shape[-1], shape[-2]
         dims = (n // (r * c), r, c)
         j = state["row_second_moment"].shape[0]
@@ -388,9 +283,8 @@ class _StepContext:
         self.config, self.plan, self.c, self.t = config, plan, consts, t
         self.time_step = step_count  # completed steps before this one (int64 0-d)
         self.step_t = (step_count + 1).to(torch.float32)
-        # Adam's bias corrections 1 − β^t, made once per step exactly as `features.adam_direction` makes them
-        self.bias_correction1 = 1 - config.momentum_decays[config.adam_momentum_index] ** self.step_t
-        self.bias_correction2 = 1 - config.second_moment_decay**self.step_t
+        # Adam's bias corrections 1 − β^t, made once per step as `reference.adam_direction` makes them
+        self.bias_correction1, self.bias_correction2 = bias_corrections(config, self.step_t)
         device = t.param.device
         k, j = len(config.momentum_decays), len(config.factored_decays)
         # per chunk: ‖x_chunk‖₂ of every direct row of X, then ‖g‖, ‖p‖, ‖m_k‖ when X does not hold them; reduced
@@ -420,7 +314,7 @@ class _StepContext:
             return None
         width = self.slot_widths[group]
         view = X[start : start + width].view(width, *shape)
-        return view if group in ("m", "mrs", "full", "rsfull", "afg", "afm") else view[0]
+        return view if group in STACKED_CODES else view[0]
 
     # features of one chunk into rows [0, upto) of X ---------------------------------------------------
     def build(self, X: torch.Tensor, chunk: _Chunk, upto: int, arena: _Arena) -> dict:
@@ -487,11 +381,10 @@ class _StepContext:
 
     def adam_direction(self, m_new: torch.Tensor, v_new: torch.Tensor, out: torch.Tensor, arena: _Arena) -> torch.Tensor:
         """``out = m̂/(√v̂ + adam_eps)`` with the reference's bias correction (t counts this step)."""
-        config = self.config
-        denominator = arena.take(*v_new.shape)
-        torch.div(v_new, self.bias_correction2, out=denominator).sqrt_().add_(config.adam_eps)
-        torch.div(m_new[config.adam_momentum_index], self.bias_correction1, out=out)
-        return out.div_(denominator)
+        return adam_direction_from_moments(
+            m_new[self.config.adam_momentum_index], v_new, self.bias_correction1, self.bias_correction2,
+            self.config.adam_eps, out=out, work=arena.take(*v_new.shape),
+        )
 
     # pass 1 ------------------------------------------------------------------------------------------
     def reduce_chunk(self, X: torch.Tensor, index: int, chunk: _Chunk, arena: _Arena, worker: int = 0) -> None:
@@ -601,7 +494,7 @@ class _StepContext:
         w_plain = w1[:, :n_plain] * normalizers.unsqueeze(0)  # (H, F)
         bias = b1
         if config.num_time_inputs:
-            time = F.time_features(config, self.time_step, torch.float32)
+            time = reference.time_features(config, self.time_step, torch.float32)
             bias = b1 + (w1[:, n_plain:] @ time.unsqueeze(-1)).squeeze(-1)
         hidden = w1.shape[0]
         w_x = torch.zeros((hidden, plan.num_rows), dtype=torch.float32, device=w1.device)
@@ -661,15 +554,14 @@ class _StepContext:
             bound = w.double().abs() @ bound + b.double().abs()
         direction, magnitude = float(bound[0]), float(bound[1])
         if config.output == "small_fc_lopt":
-            exponent = magnitude * config.exp_mult
-            step = direction * math.exp(min(exponent, 700.0)) * config.step_mult if exponent < 80 else math.inf
+            step = direction * exp_bound(magnitude * config.exp_mult) * config.step_mult
         else:  # adam_residual: |m̂/(√v̂ + ε)| ≤ |m̂|/ε
             adam = float(m_max[config.adam_momentum_index]) / float(self.bias_correction1) / config.adam_eps
             step = config.step_mult * math.exp(config.magnitude_bound) * (adam + direction)
         if config.param_scale:
             step *= float(self.param_rms)
         new_param = p_max * (1 + abs(decay)) + abs(lr) * step
-        return new_param < 1e37  # False for NaN as well
+        return surely_finite(new_param)
 
     # pass 3 ------------------------------------------------------------------------------------------
     def apply_chunk(self, X: torch.Tensor, chunk: _Chunk, u: torch.Tensor, arena: _Arena, write: bool,
@@ -689,7 +581,7 @@ class _StepContext:
         else:
             hidden += self.bias
         for w, b in self.rest:
-            hidden = torch.addmm(b.unsqueeze(-1), w, _activate_(config.activation, hidden), out=arena.take(w.shape[0], n))
+            hidden = torch.addmm(b.unsqueeze(-1), w, activate_(config.activation, hidden), out=arena.take(w.shape[0], n))
         direction, magnitude = hidden[0], hidden[1]
         if config.output == "small_fc_lopt":
             torch.mul(direction, magnitude.mul_(config.exp_mult).exp_(), out=u).mul_(config.step_mult)
@@ -745,20 +637,6 @@ def _update_param(param: torch.Tensor, param32: torch.Tensor | None, u: torch.Te
     param.copy_(old)
 
 
-def _activate_(name: str, x: torch.Tensor) -> torch.Tensor:
-    """φ's activation, in place where torch has an in-place form."""
-    if name == "relu":
-        return x.relu_()
-    if name == "tanh":
-        return x.tanh_()
-    if name == "silu":
-        return torch.nn.functional.silu(x, inplace=True)
-    return F._ACTIVATIONS[name](x)
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def learned_step_(
     config: RuleConfig,
     weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -773,7 +651,7 @@ def learned_step_(
 ) -> str | None:
     """One learned step of ``param`` in place, with ``state`` (fp32 accumulators + ``step``) updated in place.
 
-    Same result as ``features.learned_update(config, weights, param.float(), grad.float(), state, lr, wd)``
+    Same result as ``reference.learned_update(config, weights, param.float(), grad.float(), state, lr, wd)``
     up to fp32 rounding. Returns ``None`` when the step was applied; when the gradient or the proposed new
     parameter is not finite it changes nothing and returns ``"gradient"`` or ``"update"`` (``"gradient"`` also when
     Σg² exceeds the largest fp32, where the second moments would overflow). ``weights`` must
@@ -783,13 +661,13 @@ def learned_step_(
     scratch = scratch or Scratch()
     lr, weight_decay = float(lr), float(weight_decay)
     decay = lr * (config.step_mult * weight_decay)
-    factored = F.is_factored(param.shape)
+    factored = is_factored(param.shape)
     plan = feature_plan(config, factored)
     t = _views(param, grad, state)
     device = param.device
     chunks = _chunks(t, chunk_elements)
     workers = max(1, min(workers, len(chunks)))
-    ctx = _StepContext(config, plan, _constants(config, device), t, state["step"], len(chunks), workers)
+    ctx = _StepContext(config, plan, decay_tensors(config, device), t, state["step"], len(chunks), workers)
     largest = max(chunk.numel for chunk in chunks)
     features = [scratch.get(f"features/{w}", plan.num_rows * largest, device).view(plan.num_rows, largest) for w in range(workers)]
     arenas = [_Arena(scratch.get(f"arena/{w}", _arena_rows(config, plan) * largest, device)) for w in range(workers)]
@@ -811,8 +689,8 @@ def learned_step_(
 
     each_chunk(lambda w, i, chunk, X, arena: ctx.reduce_chunk(X, i, chunk, arena, w))  # pass 1
     ctx.summarize_reduce()
-    # NaN/inf, or a gradient whose squares would overflow the fp32 second moments (optimizer.MAX_GRADIENT_SQUARE_SUM)
-    if not float(ctx.grad_sq) <= _FLOAT32_MAX:
+    # NaN/inf, or a gradient whose squares would overflow the fp32 second moments
+    if not float(ctx.grad_sq) <= MAX_GRADIENT_SQUARE_SUM:
         return "gradient"
     ctx.finalize(weights)  # pass 2
 
@@ -829,7 +707,7 @@ def learned_step_(
         if not math.isfinite(step_sq) and not bool(torch.isfinite(staged).all()):
             return "update"
         if config.output == "normalized":
-            scale = torch.rsqrt(torch.tensor(step_sq / t.numel, dtype=torch.float32, device=device) + 1e-12)
+            scale = torch.rsqrt(torch.tensor(step_sq / t.numel, dtype=torch.float32, device=device) + NORMALIZED_EPS)
             staged.mul_(scale).mul_(config.step_mult)
             if config.param_scale:
                 staged.mul_(ctx.param_rms)
@@ -849,6 +727,6 @@ def learned_step_(
     return None
 
 
-#: Below this many elements the plain reference (`features.learned_update`) beats this path: its fixed cost per
+#: Below this many elements the plain reference (`reference.learned_update`) beats this path: its fixed cost per
 #: tensor is ≈ 0.17 ms against ≈ 0.5 ms here (one (64,) tensor, one thread), and it is the reference exactly.
 SMALL_TENSOR = 1 << 13

@@ -1,4 +1,4 @@
-"""Fused CPU back end of the learned step: `features.learned_update`'s math as one `torch.compile`d call per tensor.
+"""Fused CPU back end of the learned step: `reference.learned_update`'s math as one `torch.compile`d call per tensor.
 
 For format-2 rules whose features are elementwise (grad, param, momenta, second moment, their ratios, Adam's
 direction, time; no factored statistics) and whose output is ``hybrid_residual`` or ``adam_residual``, which
@@ -12,7 +12,7 @@ parameter dtype serves every size), one call that inductor turns into one C++ lo
    form; writes accumulators, step count and parameter in place, each write keeping the old value unless the
    proof holds. No feature column is written to memory. For orthogonalized matrices it writes the
    Newton–Schulz input ``unit(look-ahead) + direction`` instead and returns φ's mean magnitude; same-shaped
-   matrices are then orthogonalized together (one batched `features.newton_schulz`) and the parameter updated.
+   matrices are then orthogonalized together (one batched `reference.newton_schulz`) and the parameter updated.
 
 A tensor the proof does not cover (non-finite or huge gradient or parameter, a step that could overflow) is
 left untouched and handed back, as are tensors it does not take (< 2 elements, non-contiguous, not CPU); the
@@ -20,7 +20,7 @@ caller steps those with the reference back end, which skips and counts non-finit
 compilation fails the reason is logged once and every tensor is handed back. Inductor caches compiled code on
 disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir), so later processes skip most of the compile.
 
-Results agree with `features.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
+Results agree with `reference.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
 tests/test_fused_step.py.
 """
 
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import features as F
+from . import reference
 from .roles import is_orthogonalized, regime_lr_factor, step_multiplier
 from .rule import RuleConfig
+from .vocabulary import ACTIVATION_FUNCTIONS, RMS_EPS, adam_direction_from_moments, bias_corrections
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _features(c: RuleConfig, p32, g, momenta, v_new, bc1, bc2):
 
 
 def _adam(c: RuleConfig, momenta, v_new, bc1, bc2):
-    return (momenta[c.adam_momentum_index] / bc1) / (torch.sqrt(v_new / bc2) + c.adam_eps)
+    return adam_direction_from_moments(momenta[c.adam_momentum_index], v_new, bc1, bc2, c.adam_eps)
 
 
 def _lookahead(c: RuleConfig, momenta, g):
@@ -136,12 +137,9 @@ def _lookahead(c: RuleConfig, momenta, g):
     return c.momentum_decays[index] * momenta[index] + (1 - c.momentum_decays[index]) * g
 
 
-_ACT = {"relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
-
-
 def _phi(c: RuleConfig, columns, w, b, rest):
     """φ unrolled over its (few) units: each hidden/output unit is a weighted sum of 1-D columns."""
-    activation = _ACT[c.activation]
+    activation = ACTIVATION_FUNCTIONS[c.activation]
     hidden = [sum(w[h, f] * x for f, x in enumerate(columns)) + b[h] for h in range(w.shape[0])]
     for w_l, b_l in rest:
         hidden = [activation(x) for x in hidden]
@@ -165,15 +163,14 @@ def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
     p32, g = p.to(torch.float32), g.to(torch.float32)
     t0 = step.to(torch.float32)
     lr = hyper[0] * torch.rsqrt(1.0 + t0 / c.schedule_steps) if c.schedule == "inverse_sqrt" else hyper[0]
-    bc1 = 1 - c.momentum_decays[c.adam_momentum_index] ** (t0 + 1)
-    bc2 = 1 - c.second_moment_decay ** (t0 + 1)
+    bc1, bc2 = bias_corrections(c, t0 + 1)
     momenta, v_new = _accumulators(c, g, m, v)
     columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
     sums = torch.stack([(x * x).sum() for x in columns])
     maxima = torch.sqrt(sums)  # max|x| ≤ √Σx²: a looser bound than max|x| but free
     numel = p.numel()
     lookahead = _lookahead(c, momenta, g)
-    unit = torch.rsqrt((lookahead * lookahead).sum() / numel + 1e-30)
+    unit = torch.rsqrt((lookahead * lookahead).sum() / numel + RMS_EPS)
     # φ's first layer with the normalizers and the time features folded in (as `features.apply_network`)
     w1, b1 = weights[0]
     n_plain = len(columns)
@@ -351,14 +348,14 @@ def fused_step_(
         if not done:
             continue
         start = time.perf_counter()
-        ortho = F.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
+        ortho = reference.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
         NEWTON_SCHULZ_SECONDS[0] += time.perf_counter() - start
         for o, (_, param, hyper, info) in zip(ortho, done):
             mean_magnitude, step_lr = float(info[0]), float(info[1])
             multiplier = float(hyper[2])
             rms = float(torch.linalg.vector_norm(o)) / math.sqrt(o.numel())
             coefficient = (step_lr * config.step_mult * math.exp(config.magnitude_bound * math.tanh(mean_magnitude))
-                           * multiplier * config.matrix_rms / math.sqrt(rms * rms + 1e-30))
+                           * multiplier * config.matrix_rms / math.sqrt(rms * rms + RMS_EPS))
             decay = step_lr * config.step_mult * float(hyper[1])
             _apply_matrix(param, o.view(param.shape), coefficient, decay)
     return rest

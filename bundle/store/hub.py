@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .format import (
+from ..files import (
     CARD_NAME,
     MANIFEST_NAME,
     OPTIMIZER_DIR,
@@ -45,6 +45,8 @@ from .format import (
     verify_manifest,
     write_card_and_manifest,
 )
+from ..step.rule import PROVENANCE_NAME, RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
+from .card import card_for_repo, is_generated_card, rule_card
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -361,8 +363,6 @@ def load_bundle_from_hub(
 
 def rule_files(manifest: dict[str, Any]) -> list[str]:
     """The manifest paths of a repo's rule: at the root of a rule-only repo, under ``optimizer/`` in a bundle."""
-    from .rule import PROVENANCE_NAME, RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
-
     prefix = "" if manifest.get("kind") == RULE_REPO_KIND else f"{OPTIMIZER_DIR}/"
     names = [prefix + name for name in (RULE_CONFIG_NAME, RULE_WEIGHTS_NAME, PROVENANCE_NAME)]
     return [name for name in names if name in manifest["files"]]
@@ -380,8 +380,6 @@ def load_rule_from_hub(
 ) -> LearnedRule:
     """`LearnedRule.from_pretrained` for a Hub id: a rule-only repo, or the rule of a bundle repo (only the
     rule's files are fetched, not the model weights). The fetched files are verified against ``bundle.json``."""
-    from .rule import RULE_CONFIG_NAME, RULE_WEIGHTS_NAME
-
     snapshot = download_repo(
         repo_id,
         revision=revision,
@@ -455,8 +453,6 @@ def pull_repo(
 def save_rule_repo(rule: LearnedRule, directory: str | Path) -> Path:
     """Write an optimizer-only repo folder: the rule's files, a README.md card and a ``bundle.json`` manifest
     (kind ``"rule"``), atomically."""
-    from .card import rule_card
-
     target = Path(directory)
     with atomic_directory(target) as staging:
         rule.save_pretrained(staging)
@@ -508,7 +504,6 @@ def push_directory(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from .card import card_for_repo, is_generated_card
 
     directory = Path(directory)
     _check_repo_id(repo_id)

@@ -28,8 +28,11 @@ from typing import Any
 
 import torch
 
-from . import assets
-from .bundle import Bundle
+from ..meta.refine import EVAL_SPLITS
+from ..recipes import recipe_path
+from ..store import assets
+from ..store.bundle import Bundle
+from ..store.rule import load_rule
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +115,6 @@ def parse_recipe(path: str | Path, classes: tuple, overrides: dict[str, Any] | N
     import yaml
     from transformers import HfArgumentParser
 
-    from optbundle.recipes import recipe_path
-
-    import dataclasses
-
     path = recipe_path(str(path))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -140,7 +139,7 @@ def parse_recipe(path: str | Path, classes: tuple, overrides: dict[str, Any] | N
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse a YAML recipe (plus ``overrides``) into TrainingArguments and optbundle's dataclasses."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # heavy: loaded on first use
 
     path, (training, model, data_args, optim) = parse_recipe(
         path, (TrainingArguments, ModelArguments, DataArguments, OptimizerArguments), overrides,
@@ -169,9 +168,7 @@ def load_named_dataset(data: DataArguments) -> tuple[Any, Any]:
     """``(train, eval)`` untokenized splits of ``datasets.load_dataset(data.dataset, data.dataset_config,
     data_files=...)``: ``train_split``, and ``eval_split`` (or the first of validation/eval/test present, or a
     ``split_seed`` split of train), each shuffled with ``split_seed`` and cut to ``train_size`` / ``eval_size``."""
-    from datasets import load_dataset
-
-    from .refine import EVAL_SPLITS
+    from datasets import load_dataset  # heavy: loaded on first use
 
     loaded = load_dataset(data.dataset, data.dataset_config, data_files=_resolve_data_files(data.data_files, data.recipe_dir))
     if data.train_split not in loaded:
@@ -193,7 +190,7 @@ def load_named_dataset(data: DataArguments) -> tuple[Any, Any]:
 def _tokenized_named_dataset(data: DataArguments, model_args: ModelArguments, tokenizer) -> tuple[Any, Any]:
     """`load_named_dataset`'s splits, tokenized: classification keeps ``label_column`` as ``labels`` (string
     classes numbered in sorted order); causal-lm concatenates ``text_column`` and cuts ``max_length`` chunks."""
-    from datasets import Dataset
+    from datasets import Dataset  # heavy: loaded on first use
 
     train, eval_ = load_named_dataset(data)
     for split in (train, eval_):
@@ -250,7 +247,7 @@ def build_datasets(data: DataArguments, model_args: ModelArguments, tokenizer):
         return out[0], out[1]
     if data.dataset != "shakespeare":
         raise ValueError(f"dataset {data.dataset!r} does not fit causal-lm (shakespeare)")
-    from datasets import Dataset
+    from datasets import Dataset  # heavy: loaded on first use
 
     plays = assets.shakespeare_plays()
     names = sorted(plays)
@@ -273,7 +270,7 @@ def build_datasets(data: DataArguments, model_args: ModelArguments, tokenizer):
 
 
 def load_tokenizer(model_args: ModelArguments):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: loaded on first use
 
     tokenizer = AutoTokenizer.from_pretrained(assets.resolve_model(model_args.model))
     if tokenizer.pad_token is None:
@@ -283,7 +280,7 @@ def load_tokenizer(model_args: ModelArguments):
 
 def load_model(model_args: ModelArguments, seed: int, tokenizer):
     """The pretrained model (+ a head initialized from ``seed``), wrapped with LoRA when ``lora_r > 0``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # heavy: loaded on first use
 
     source = assets.resolve_model(model_args.model)
     torch.manual_seed(seed)
@@ -297,7 +294,7 @@ def load_model(model_args: ModelArguments, seed: int, tokenizer):
     # num_items_in_batch; they do not, so that would multiply gradients (see README, "Pitfalls").
     model.accepts_loss_kwargs = False
     if model_args.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy: loaded on first use
 
         task_type = "SEQ_CLS" if model_args.task == "sequence-classification" else "CAUSAL_LM"
         config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
@@ -355,7 +352,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One fine-tuning run; returns its row (losses, accuracy, wall time, loss curve). ``lr=None``: the learned
     rule at its recommended lr for the model's regime (what ``bundle.optimizer()`` does with no arguments)."""
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer  # heavy: loaded on first use
 
     model = load_model(recipe.model, seed, tokenizer)
     args = copy.deepcopy(recipe.training)
@@ -408,9 +405,7 @@ def run_recipe(recipe: Recipe, announce: Callable[[str], None] | None = None) ->
 
 
 def _run_recipe(recipe: Recipe, announce: Callable[[str], None] | None) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from . import load_rule
+    from tqdm.auto import tqdm  # loaded on first use
 
     results_dir = Path(recipe.optim.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -494,10 +489,10 @@ def results_table(recipe: Recipe, rows: list[dict[str, Any]], rule) -> str:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for the plot
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -514,7 +509,3 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

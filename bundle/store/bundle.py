@@ -30,27 +30,29 @@ manifest before reading anything, and reads only JSON and safetensors.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from .format import (
+from ..files import (
     MANIFEST_NAME,
     OPTIMIZER_DIR,
     STATE_JSON_NAME,
     STATE_TENSORS_NAME,
     BundleError,
     CorruptFileError,
+    FormatVersionError,
     MissingFileError,
     ModelLoadError,
     StateMismatchError,
     atomic_directory,
     atomic_write_json,
+    check_relative_path,
     load_safetensors_file,
     read_json_file,
     read_manifest,
@@ -61,9 +63,13 @@ from .format import (
     verify_manifest,
     write_card_and_manifest,
 )
-from .optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, constant_schedule
-from .roles import assign_roles
-from .rule import REGIMES, ROLES, LearnedRule
+from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, check_state_layout, constant_schedule
+from ..step.roles import assign_roles
+from ..step.rule import REGIMES, ROLES
+from .assets import resolve_model
+from .card import model_card
+from .hub import is_hub_reference, load_bundle_from_hub, push_bundle, push_directory
+from .rule import LearnedRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -110,7 +116,7 @@ NamedState = dict[str, dict[str, torch.Tensor]]
 
 def _is_transformers_model(model: nn.Module) -> bool:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # heavy: loaded on first use
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
@@ -118,14 +124,14 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def _decay_parameter_names(model: nn.Module) -> set[str]:
     """Parameters Trainer applies weight decay to (all but biases, LayerNorm and norm weights)."""
-    from transformers import Trainer
+    from transformers import Trainer  # heavy: loaded on first use
 
     return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _is_peft_model(model: nn.Module) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # heavy: loaded on first use
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
@@ -146,7 +152,7 @@ def detect_regime(model: nn.Module) -> str:
 
 
 def model_roles(model: nn.Module) -> dict[str, str]:
-    """Role of every parameter of ``model`` (`optbundle.roles`): names and shapes, plus module types
+    """Role of every parameter of ``model`` (`optbundle.step.roles`): names and shapes, plus module types
     (``nn.Embedding`` parameters are embeddings whatever their name)."""
     named = list(model.named_parameters())
     roles = dict(zip((n for n, _ in named), assign_roles([(n, tuple(p.shape)) for n, p in named])))
@@ -238,9 +244,6 @@ class Bundle:
         return DEFAULT_RULE_NAME
 
     # ---- optimizer -----------------------------------------------------------------------------------
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def optimizer(
         self,
         lr: float | None = None,
@@ -275,7 +278,7 @@ class Bundle:
         Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
         ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
         """
-        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
 
         if args is not None:
             if lr is None and lr_is_learning_rate(self.rule):
@@ -346,7 +349,7 @@ class Bundle:
 
         class LearnedOptimizerFactory:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
-                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate
+                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
 
                 chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, **kwargs}
                 trainer = find_trainer()
@@ -380,7 +383,7 @@ class Bundle:
         ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
         (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
         """
-        from .refine import refine_bundle
+        from ..meta.refine import refine_bundle  # the meta layer sits above this one; only refine() needs it
 
         return refine_bundle(self, train_dataset, eval_dataset, dataset_name=dataset_name, **config)
 
@@ -388,7 +391,7 @@ class Bundle:
         """Take the accumulators to ship from an optimizer (by parameter name) or a name → state mapping.
 
         ``trainer.optimizer`` works as it is: accelerate's ``AcceleratedOptimizer`` wrapper is unwrapped."""
-        from .trainer import unwrap_optimizer
+        from .trainer import unwrap_optimizer  # imports transformers, which `import optbundle` does not
 
         state = unwrap_optimizer(state)
         if isinstance(state, LearnedOptimizer):
@@ -462,15 +465,12 @@ class Bundle:
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype, max_shard_size=shard_bytes)
-            from .card import model_card
 
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
                 extra["base_model"] = base_model_identity(self.model)
             write_card_and_manifest(staging, model_card(self, **dict(card_info or {})), kind=self.kind, extra=extra)
         if push_to_hub:
-            from .hub import push_directory
-
             repo_id = push_kwargs.pop("repo_id", None) or target.name
             push_directory(target, repo_id, **push_kwargs)
         return target
@@ -481,8 +481,6 @@ class Bundle:
             extra = {"max_shard_size": max_shard_size} if max_shard_size is not None and kind == "transformers" else {}
             self.model.save_pretrained(directory, safe_serialization=True, **extra)
         else:
-            from safetensors.torch import save_file
-
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
             save_file(_dedupe_shared(tensors), str(directory / TORCH_WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
@@ -514,10 +512,8 @@ class Bundle:
         The arguments mean what they mean for ``PreTrainedModel.push_to_hub``: ``revision`` is the branch to push
         to (default ``main``), ``create_pr`` opens a pull request instead of committing to it, ``tags`` are added
         to the card's metadata, ``max_shard_size`` shards weights and accumulators. A README.md edited on the
-        Hub is kept unless ``overwrite_card=True``. See `optbundle.hub.push_directory`.
+        Hub is kept unless ``overwrite_card=True``. See `optbundle.store.hub.push_directory`.
         """
-        from .hub import push_bundle
-
         card_info = {"tags": list(tags)} if tags else None
         return push_bundle(
             self, repo_id, save_state=save_state, state_dtype=state_dtype, max_shard_size=max_shard_size,
@@ -553,8 +549,6 @@ class Bundle:
         ``base_model``: for adapter bundles, the base model (a module, or a folder/alias to load it from;
         default: the base recorded in the bundle). Its identity is checked against the one recorded.
         """
-        from .hub import is_hub_reference, load_bundle_from_hub
-
         if is_hub_reference(path):
             return load_bundle_from_hub(
                 cls, path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
@@ -597,7 +591,7 @@ class Bundle:
             check_state_fits(directory / OPTIMIZER_DIR / STATE_TENSORS_NAME, state, loaded_model, rules, routing)
         tokenizer = None
         if (directory / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # heavy: loaded on first use
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -617,15 +611,13 @@ def check_state_fits(
     path: Path, state: NamedState, model: nn.Module, rules: dict[str, LearnedRule], routing: list[tuple[str, str]]
 ) -> None:
     """Every saved accumulator names a parameter of ``model`` and has the layout its rule needs for it."""
-    from .optimizer import _check_state_layout
-
     params = dict(model.named_parameters())
     for name, entry in state.items():
         if name not in params:
             raise StateMismatchError(f"{path}: holds state for {short_repr(name)}, which the model does not have")
         rule_name = next((r for pattern, r in routing if fnmatch.fnmatchcase(name, pattern)), DEFAULT_RULE_NAME)
         try:
-            _check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
+            check_state_layout(rules[rule_name].config, params[name].shape, entry, f"parameter {name!r}")
         except StateMismatchError as err:
             raise StateMismatchError(f"{path}: {err}") from err
 
@@ -654,8 +646,6 @@ def read_roles(opt_dir: Path, model: nn.Module) -> tuple[dict[str, str], str | N
 
 def _check_format_version(info: dict[str, Any], newest: int, path: Path, *, required: bool = True) -> None:
     """``format_version`` of a bundle JSON file: a positive integer (not a bool) no newer than ``newest``."""
-    from .format import FormatVersionError
-
     version = info.get("format_version")
     if version is None and not required:
         return
@@ -717,17 +707,15 @@ def base_model_identity(peft_model: nn.Module) -> dict[str, Any]:
 
 
 def _load_adapter_model(directory: Path, manifest: dict, base_model: Any, model_class: Any, kwargs: dict) -> nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: loaded on first use
 
     identity = manifest.get("base_model") or {}
     if base_model is None or isinstance(base_model, (str, Path)):
-        from .assets import resolve_model
-
         source = resolve_model(str(base_model)) if base_model is not None else identity.get("name_or_path")
         if not source or not isinstance(source, str):
             raise ModelLoadError(f"{directory}: an adapter bundle needs base_model= (no base model recorded)")
         if model_class is None:
-            import transformers
+            import transformers  # heavy: loaded on first use
 
             class_name = identity.get("class") if isinstance(identity, dict) else None
             model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
@@ -770,7 +758,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 def check_adapter_weights(peft_model: nn.Module, header: dict[str, dict[str, Any]], path: Path) -> None:
     """Strict adapter weights: the file holds exactly the tensors PEFT saves for this adapter (PEFT itself loads
     with ``strict=False`` and leaves a missing tensor at its initialization), with their shapes, floating."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # heavy: loaded on first use
 
     expected = get_peft_model_state_dict(peft_model)
     missing = sorted(set(expected) - set(header))
@@ -880,8 +868,6 @@ def _weight_headers(directory: Path) -> dict[str, tuple[dict[str, Any], Path]]:
         weight_map, names = None, [TORCH_WEIGHTS_NAME]
     stored: dict[str, tuple[dict[str, Any], Path]] = {}
     for name in names:
-        from .format import check_relative_path
-
         check_relative_path(name, source=str(index_path))
         path = directory / name
         for key, entry in read_safetensors_header(path).items():
@@ -897,7 +883,7 @@ def _load_transformers_model(directory: Path, model_class: Any, kwargs: dict) ->
     """A transformers model, loaded strictly: config.json within `CONFIG_LIMITS`, the model built on the meta
     device and its tensors compared with the weight files' headers (`check_weights_match`) before any real
     allocation, then transformers' own ``from_pretrained``."""
-    import transformers
+    import transformers  # heavy: loaded on first use
 
     config_path = directory / "config.json"
     raw = read_json_file(config_path)
@@ -967,7 +953,7 @@ def _shard_size_bytes(max_shard_size: int | str | None) -> int | None:
     """``max_shard_size`` as bytes (``"5GB"``, ``"500MB"``, an int), as transformers parses it."""
     if max_shard_size is None:
         return None
-    from transformers.utils.hub import convert_file_size_to_int
+    from transformers.utils.hub import convert_file_size_to_int  # heavy: loaded on first use
 
     size = convert_file_size_to_int(max_shard_size)
     if not isinstance(size, int) or size <= 0:

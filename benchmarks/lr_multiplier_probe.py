@@ -1,4 +1,4 @@
-"""Loss of the tiny digits BERT (tests/helpers.py) under a few rules and lr multipliers: python scripts/lr_multiplier_probe.py"""
+"""Loss of the tiny digits BERT (tests/helpers.py) under a few rules and lr multipliers: python benchmarks/lr_multiplier_probe.py"""
 import sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tests"))
 import torch
 torch.set_num_threads(1)

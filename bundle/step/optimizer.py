@@ -1,6 +1,6 @@
 """`LearnedOptimizer`: a real `torch.optim.Optimizer` that applies a `LearnedRule` to parameters.
 
-One state layout for every back end: per parameter, fp32 accumulators as described in `features.py`, an
+One state layout for every back end: per parameter, fp32 accumulators as described in `reference.py`, an
 int64 ``step`` and an int64 ``skipped_steps`` counter. State is created lazily at the first step, so
 FSDP-style parameter swapping after construction is fine.
 
@@ -13,7 +13,7 @@ Back ends, chosen per parameter group and device at every step (`select_backend`
 - ``fused``: `fused_step.fused_step_`, `torch.compile`d passes (inductor's C++ code) for format-2 rules with
   elementwise features (the shipped default); on CPU the default for such rules' tensors of at least
   `fused_step.DEFAULT_MIN_NUMEL` elements (smaller ones, and tensors it cannot prove finite: the reference).
-- ``reference``: `features.learned_update` per tensor, the plain math (slow; for debugging and checks).
+- ``reference``: `reference.learned_update` per tensor, the plain math (slow; for debugging and checks).
 
 ``OPTBUNDLE_BACKEND=torch|triton|fused|reference`` overrides the choice. A rule or tensor a back end cannot
 handle falls back (triton → torch → reference) with the reason logged once. All three read and write the
@@ -22,6 +22,7 @@ same state, so a checkpoint written by one resumes on another.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -31,10 +32,11 @@ from typing import Any
 import torch
 
 from . import fast_step, fused_step
-from . import features as F
-from .format import StateMismatchError
+from . import reference
+from ..files import StateMismatchError
 from .roles import assign_roles, check_roles, regime_lr_factor
-from .rule import REGIMES, LearnedRule
+from .rule import REGIMES, RuleNetwork
+from .vocabulary import MAX_GRADIENT_SQUARE_SUM  # every back end skips a tensor whose Σg² exceeds it
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,6 @@ DEFAULT_RULE_NAME = "default"
 BACKENDS = ("triton", "torch", "fused", "reference")
 BACKEND_ENV = "OPTBUNDLE_BACKEND"
 MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
-#: A tensor's step is skipped (and counted in ``skipped_steps``) when Σg² over it exceeds this, the largest
-#: fp32: then g² (or a row sum of it) would overflow the fp32 second moments. Every back end uses this bound.
-MAX_GRADIENT_SQUARE_SUM = float(torch.finfo(torch.float32).max)
 _LOGGED: set[str] = set()
 
 
@@ -58,7 +57,7 @@ def _log_once(message: str, *args: Any) -> None:
 def _triton_kernels():
     """The fused kernels module, or ``None`` (with the reason logged once) when Triton cannot be used."""
     try:
-        from optbundle.kernels import learned_step
+        from optbundle.kernels import learned_step  # optional and heavy: Triton
     except Exception as err:  # ImportError, or Triton failing to initialize
         _log_once("Triton kernels unavailable (%s); using the torch path", err)
         return None
@@ -102,7 +101,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         regime: "scratch" (a freshly initialized model) or "finetune" (a pretrained one): picks the rule's
             recommended lr when ``lr`` is None.
 
-    Each param group holds ``"roles"``, one role per parameter (`optbundle.roles`), assigned from the
+    Each param group holds ``"roles"``, one role per parameter (`optbundle.step.roles`), assigned from the
     parameter names (``(name, parameter)`` pairs) and shapes unless the group gives them; format-2 rules
     treat hidden matrices, vectors, embeddings, heads and adapters differently.
 
@@ -121,14 +120,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        rule: LearnedRule | Mapping[str, LearnedRule],
+        rule: RuleNetwork | Mapping[str, RuleNetwork],
         lr: float | None = None,
         weight_decay: float = 0.0,
         regime: str = "scratch",
     ) -> None:
-        if isinstance(rule, LearnedRule):
+        if isinstance(rule, RuleNetwork):
             rules = {DEFAULT_RULE_NAME: rule}
-        elif isinstance(rule, Mapping) and rule and all(isinstance(r, LearnedRule) for r in rule.values()):
+        elif isinstance(rule, Mapping) and rule and all(isinstance(r, RuleNetwork) for r in rule.values()):
             rules = dict(rule)
         else:
             raise TypeError(f"rule must be a LearnedRule or a non-empty mapping name -> LearnedRule, got {type(rule).__name__}")
@@ -144,7 +143,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
         default_rule = DEFAULT_RULE_NAME if DEFAULT_RULE_NAME in rules else next(iter(rules))
-        self.rules: dict[str, LearnedRule] = {name: r.requires_grad_(False) for name, r in rules.items()}
+        self.rules: dict[str, RuleNetwork] = {name: r.requires_grad_(False) for name, r in rules.items()}
         self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
         self._roles: dict[torch.Tensor, str | None] = {}  # filled from the groups' "roles" at each step
         super().__init__(params, dict(lr=float(lr), weight_decay=float(weight_decay), rule=default_rule))
@@ -205,23 +204,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._step_params(params, rule, device, group["lr"], group["weight_decay"])
         return loss
 
-    def _check_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
+    def _check_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         """Raise `StateMismatchError` unless ``param``'s state has the keys, shapes and dtypes ``rule`` needs
         (checked again whenever the state dict or one of its tensors was replaced)."""
         state = self.state[param]
         key = (id(state), *(id(v) for v in state.values()))
         if self._checked_states.get(param) == key:
             return
-        _check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
+        check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
         self._checked_states[param] = key
 
-    def _init_state(self, param: torch.Tensor, rule: LearnedRule) -> None:
+    def _init_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         state = self.state[param]
         if not state:
-            state.update(F.init_state(rule.config, param.shape, device=param.device))
+            state.update(reference.init_state(rule.config, param.shape, device=param.device))
             state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=param.device)
 
-    def _step_params(self, params: list[torch.Tensor], rule: LearnedRule, device: torch.device, lr, weight_decay) -> None:
+    def _step_params(self, params: list[torch.Tensor], rule: RuleNetwork, device: torch.device, lr, weight_decay) -> None:
         """One step of ``params`` (all on ``device``, states initialized) with the selected back end."""
         config = rule.config
         weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
@@ -253,7 +252,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         _log_once("tensor of shape %s not supported by the Triton kernels (%s); using the torch path",
                                   tuple(param.shape), why)
                     (rest if why else fused).append(param)
-                kernels.fused_learned_step_(
+                kernels.learned_step_(
                     config, weights, fused, [p.grad for p in fused], [self.state[p] for p in fused], lr, weight_decay
                 )
                 params = rest
@@ -304,8 +303,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if reason == "update":
             logger.warning("learned step proposed a non-finite update for a tensor of shape %s; skipped", tuple(param.shape))
 
-    def _step_param(self, param: torch.Tensor, rule: LearnedRule, weights, lr: float, weight_decay: float) -> None:
-        """The reference back end: `features.learned_update` on fp32 copies, written back when finite."""
+    def _step_param(self, param: torch.Tensor, rule: RuleNetwork, weights, lr: float, weight_decay: float) -> None:
+        """The reference back end: `reference.learned_update` on fp32 copies, written back when finite."""
         config = rule.config
         self._init_state(param, rule)
         state = self.state[param]
@@ -317,7 +316,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
         role = self._roles.get(param)
         lr = lr * regime_lr_factor(config, role, self.regime)
-        new_param, new_state = F.learned_update(
+        new_param, new_state = reference.learned_update(
             config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay,
             role=role,
         )
@@ -390,7 +389,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for position, (pid, param) in enumerate(zip(saved["params"], group["params"])):
                 if pid in saved_state:
                     label = f"parameter {names[position]!r}" if names else f"parameter {position} of group {index}"
-                    _check_state_layout(config, param.shape, saved_state[pid], label)
+                    check_state_layout(config, param.shape, saved_state[pid], label)
         super().load_state_dict(state_dict)
         for group, group_roles in zip(self.param_groups, roles):
             if "roles" not in group and group_roles is not None:  # a state dict from before roles existed
@@ -444,7 +443,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if name is None or name not in named_state:
                     continue
                 saved = named_state[name]
-                expected = F.init_state(config, param.shape, device="meta")
+                expected = reference.init_state(config, param.shape, device="meta")
                 expected["skipped_steps"] = torch.zeros((), dtype=torch.int64, device="meta")
                 if set(saved) != set(expected):
                     raise StateMismatchError(
@@ -468,7 +467,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 LR_RANGE_FACTOR = 30.0
 
 
-def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
+def _check_lr_range(rule: RuleNetwork, lr: float, regime: str) -> None:
     """Warn once when ``lr`` is far from the rule's ``recommended_lr[regime]`` (training would stall or blow up).
 
     The usual mistake: AdamW's habit ``lr=1e-3`` given to a format-1 rule, whose ``lr`` is a multiplier (1 = as
@@ -492,17 +491,15 @@ def _check_lr_range(rule: LearnedRule, lr: float, regime: str) -> None:
         logger.warning(text)
 
 
-def _config_digest(rule: LearnedRule) -> str:
-    import hashlib
-
+def _config_digest(rule: RuleNetwork) -> str:
     return hashlib.sha256(rule.config.to_json().encode()).hexdigest()
 
 
-def _check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
-    """`StateMismatchError` unless ``state`` has exactly the keys `features.init_state` gives ``config`` for a
+def check_state_layout(config, shape, state: Mapping[str, Any], label: str) -> None:
+    """`StateMismatchError` unless ``state`` has exactly the keys `reference.init_state` gives ``config`` for a
     parameter of ``shape`` (plus ``skipped_steps``), with the same shapes and kinds (int64 counters, float
     accumulators)."""
-    expected = F.init_state(config, tuple(shape), device="meta")
+    expected = reference.init_state(config, tuple(shape), device="meta")
     expected["skipped_steps"] = torch.zeros((), dtype=torch.int64, device="meta")
     if not isinstance(state, Mapping) or set(state) != set(expected):
         keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__

@@ -1,12 +1,11 @@
-"""Rules that ship inside the package, loaded with `optbundle.load_rule(name)`."""
+"""Rules that ship inside the package (one folder each, plus name aliases), loaded with `optbundle.load_rule(name)`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..format import BundleError
-from ..rule import LearnedRule
+from ...files import BundleError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 ALIASES_NAME = "aliases.json"
@@ -18,11 +17,11 @@ def shipped_rule_names() -> list[str]:
     return sorted(set(names) | set(aliases))
 
 
-def load_shipped_rule(name: str) -> LearnedRule:
+def shipped_rule_path(name: str) -> Path:
+    """The folder of the shipped rule ``name`` (aliases such as ``default`` resolved)."""
     aliases_path = PRETRAINED_DIR / ALIASES_NAME
     aliases = json.loads(aliases_path.read_text()) if aliases_path.exists() else {}
-    target = aliases.get(name, name)
-    path = PRETRAINED_DIR / target
+    path = PRETRAINED_DIR / aliases.get(name, name)
     if not (path / "rule_config.json").is_file():
         raise BundleError(f"no shipped rule named {name!r}; shipped rules: {', '.join(shipped_rule_names())}")
-    return LearnedRule.from_directory(path)
+    return path

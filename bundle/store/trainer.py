@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..files import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
+from ..step.optimizer import LearnedOptimizer
+from .card import model_card
 from .rule import LearnedRule
 
 logger = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ def find_trainer(max_depth: int = 8) -> Any:
     Trainer calls an ``optimizer_cls_and_kwargs`` factory as ``factory()(model, **kwargs)`` without its
     arguments; looking one or two frames up is the only way to read its ``learning_rate`` there.
     """
-    from transformers import Trainer
+    from transformers import Trainer  # heavy: loaded on first use
 
     frame = inspect.currentframe()
     try:
@@ -114,7 +118,7 @@ def build_schedule(
     scheduler_kwargs: dict[str, Any] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``transformers.get_scheduler`` with Trainer's names (``linear``, ``cosine``, ``constant_with_warmup``, ...)."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # heavy: loaded on first use
 
     needs_total = lr_scheduler_type not in ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
     if needs_total and num_training_steps is None:
@@ -133,8 +137,6 @@ def build_schedule(
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers with ``.optimizer``)."""
-    from .optimizer import LearnedOptimizer
-
     inner, depth = optimizer, 0
     while not isinstance(inner, LearnedOptimizer) and hasattr(inner, "optimizer") and depth < 8:
         inner, depth = inner.optimizer, depth + 1
@@ -149,10 +151,6 @@ def save_bundle_into(bundle: Any, directory: str | Path, **save_kwargs: Any) -> 
     the model files are overwritten with the bundle's (same weights), other files (Trainer's ``optimizer.pt``,
     ``trainer_state.json``, ...) are left alone; they are not in the manifest and nothing loads them.
     """
-    import shutil
-
-    from .format import CARD_NAME, MANIFEST_NAME, OPTIMIZER_DIR, read_manifest
-
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.bundle-{os.getpid()}"
@@ -194,7 +192,6 @@ class BundleCallback(TrainerCallback):
     instance only.
     ``card``: extra card fields (``license``, ``datasets``, ``base_model``, ``language``, ``tags``).
     """
-
     def __init__(
         self,
         bundle: Any,
@@ -251,8 +248,6 @@ class BundleCallback(TrainerCallback):
 
     # ---- what the optimizer did, in Trainer's logs ---------------------------------------------------------
     def _learned_optimizer(self) -> Any:
-        from .optimizer import LearnedOptimizer
-
         inner = unwrap_optimizer(self.trainer.optimizer) if self.trainer is not None else None
         return inner if isinstance(inner, LearnedOptimizer) else None
 
@@ -312,7 +307,7 @@ class BundleCallback(TrainerCallback):
         trainer = self.trainer
         if trainer is None:
             return info
-        from transformers.modelcard import TrainingSummary
+        from transformers.modelcard import TrainingSummary  # heavy: loaded on first use
 
         try:
             summary = TrainingSummary.from_trainer(trainer, **trainer_card_kwargs)
@@ -336,9 +331,6 @@ class BundleCallback(TrainerCallback):
 
     def write_card(self, directory: str | Path, **trainer_card_kwargs: Any) -> Path:
         """Write optbundle's card (with Trainer's metrics) as ``directory/README.md``."""
-        from .card import model_card
-        from .format import CARD_NAME
-
         path = Path(directory) / CARD_NAME
         path.write_text(model_card(self.bundle, **self.card_info(**trainer_card_kwargs)), encoding="utf-8")
         return path

@@ -1,6 +1,7 @@
 """Torch reference of the learned step: accumulators, features, per-tensor normalization, φ, output.
 
-This is the one copy of the math. `LearnedOptimizer`, the meta-training unroll and the Triton kernels' parity
+This is the one copy of the math; its vocabulary (feature table, constants, activations, decays, Adam's
+direction) is `vocabulary.py`. `LearnedOptimizer`, the meta-training unroll and the Triton kernels' parity
 tests all go through it. Functions are pure (they return new tensors), differentiable, and take
 ``batch_dims``: a parameter of shape ``S`` may arrive as ``(*B, *S)`` with ``len(B) == batch_dims`` (many
 task copies advanced together), every per-tensor reduction then runs over ``S`` only, and φ's weights may
@@ -14,7 +15,7 @@ State of one parameter tensor of shape ``S`` (all fp32; ``K`` momenta, ``J`` fac
 - rank ≥ 2: ``row_second_moment`` ``(*B, J, *S[:-1])`` and ``col_second_moment`` ``(*B, J, *S[:-2], S[-1])``,
   EMAs of the column-mean and row-mean of ``g² + factored_eps`` over the last two dims;
 - rank < 2: ``full_second_moment`` ``(*B, J, *S)``, the EMA of ``g² + factored_eps`` itself;
-- format-2 rules whose features read no factored statistic keep neither (`keeps_factored_state`).
+- format-2 rules whose features read no factored statistic keep neither (`vocabulary.keeps_factored_state`).
 
 No bias correction except in ``adam_direction`` / the ``adam_residual`` output, which use Adam's.
 """
@@ -24,22 +25,26 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .roles import is_orthogonalized, step_multiplier
 from .rule import RuleConfig
+from .vocabulary import (
+    ACTIVATION_FUNCTIONS,
+    FACTORED_FEATURES,
+    NEWTON_SCHULZ_EPS,
+    NORMALIZED_EPS,
+    RMS_EPS,
+    adam_direction_from_moments,
+    bias_corrections,
+    decay_view,
+    is_factored,
+    keeps_factored_state,
+)
 
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu}
-
 
 # ---- shapes -------------------------------------------------------------------------------------------
-
-
-def _decay_view(decays: Sequence[float], rank: int, like: torch.Tensor) -> torch.Tensor:
-    """Decays as a ``(K, 1, …, 1)`` tensor that broadcasts against ``(*B, K, *S)`` with ``len(S) == rank``."""
-    return torch.tensor(list(decays), dtype=like.dtype, device=like.device).view(-1, *([1] * rank))
 
 
 def _tensor_dims(x: torch.Tensor, batch_dims: int) -> tuple[int, ...]:
@@ -50,23 +55,6 @@ def tensor_mean(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """Mean over the tensor's own dims (not the batch dims), keepdim. 0-d tensors are their own mean."""
     dims = _tensor_dims(x, batch_dims)
     return x.mean(dim=dims, keepdim=True) if dims else x
-
-
-_FACTORED_FEATURES = frozenset({
-    "adafactor_grad", "row_second_moment", "col_second_moment", "rsqrt_row_second_moment",
-    "rsqrt_col_second_moment", "adafactor_momentum",
-})
-
-
-def keeps_factored_state(config: RuleConfig) -> bool:
-    """Whether the rule keeps factored second moments. Format-1 rules always do (their state layout is fixed);
-    format-2 rules only when a feature reads them (16 B/parameter instead of ≈28 for three momenta)."""
-    return config.format_version < 2 or any(name in _FACTORED_FEATURES for name in config.features)
-
-
-def is_factored(shape: Sequence[int]) -> bool:
-    """Rank ≥ 2 tensors keep row/column statistics over their last two dims; others a full accumulator."""
-    return len(shape) >= 2
 
 
 # ---- accumulators -------------------------------------------------------------------------------------
@@ -107,7 +95,7 @@ def update_accumulators(
     """One EMA step of every accumulator with gradient ``grad`` (fp32); ``step`` is left to the caller."""
     rank = grad.dim() - batch_dims
     g = grad.unsqueeze(batch_dims)  # (*B, 1, *S) broadcasts against the stacked (*B, K, *S)
-    beta_m = _decay_view(config.momentum_decays, rank, grad)
+    beta_m = decay_view(config.momentum_decays, rank, grad)
     new = dict(state)
     new["momentum"] = beta_m * state["momentum"] + (1 - beta_m) * g
     beta_v = config.second_moment_decay
@@ -116,11 +104,11 @@ def update_accumulators(
         return new
     g2 = g * g + config.factored_eps
     if rank >= 2:
-        beta_row = _decay_view(config.factored_decays, rank - 1, grad)
+        beta_row = decay_view(config.factored_decays, rank - 1, grad)
         new["row_second_moment"] = beta_row * state["row_second_moment"] + (1 - beta_row) * g2.mean(dim=-1)
         new["col_second_moment"] = beta_row * state["col_second_moment"] + (1 - beta_row) * g2.mean(dim=-2)
     else:
-        beta_full = _decay_view(config.factored_decays, rank, grad)
+        beta_full = decay_view(config.factored_decays, rank, grad)
         new["full_second_moment"] = beta_full * state["full_second_moment"] + (1 - beta_full) * g2
     return new
 
@@ -154,11 +142,8 @@ def adam_direction(config: RuleConfig, state: dict[str, torch.Tensor], batch_dim
     """
     rank = state["second_moment"].dim() - batch_dims
     t = state["step"].to(state["second_moment"].dtype).reshape((*state["step"].shape, *([1] * rank)))
-    beta1 = config.momentum_decays[config.adam_momentum_index]
     m = state["momentum"].select(batch_dims, config.adam_momentum_index)
-    m_hat = m / (1 - beta1**t)
-    v_hat = state["second_moment"] / (1 - config.second_moment_decay**t)
-    return m_hat / (torch.sqrt(v_hat) + config.adam_eps)
+    return adam_direction_from_moments(m, state["second_moment"], *bias_corrections(config, t), config.adam_eps)
 
 
 def newton_schulz(x: torch.Tensor, config: RuleConfig) -> torch.Tensor:
@@ -171,7 +156,7 @@ def newton_schulz(x: torch.Tensor, config: RuleConfig) -> torch.Tensor:
     transpose = x.shape[-2] > x.shape[-1]
     if transpose:
         x = x.mT
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NEWTON_SCHULZ_EPS)
     for _ in range(config.ns_steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -189,12 +174,12 @@ def orthogonal_direction(
     index = config.orthogonal_momentum_index
     beta = config.momentum_decays[index]
     lookahead = beta * state["momentum"].select(batch_dims, index) + (1 - beta) * grad
-    unit = lookahead * torch.rsqrt(tensor_mean(lookahead * lookahead, batch_dims) + 1e-30)
+    unit = lookahead * torch.rsqrt(tensor_mean(lookahead * lookahead, batch_dims) + RMS_EPS)
     x = unit + residual
     shape = x.shape
     matrix = x.reshape(*shape[: batch_dims + 1], -1)
     o = newton_schulz(matrix, config).reshape(shape)
-    return config.matrix_rms * o * torch.rsqrt(tensor_mean(o * o, batch_dims) + 1e-30)
+    return config.matrix_rms * o * torch.rsqrt(tensor_mean(o * o, batch_dims) + RMS_EPS)
 
 
 def time_features(config: RuleConfig, step: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -224,14 +209,7 @@ def compute_features(
     for name in config.features:
         if name == "time":
             continue
-        if name in (
-            "adafactor_grad",
-            "row_second_moment",
-            "col_second_moment",
-            "rsqrt_row_second_moment",
-            "rsqrt_col_second_moment",
-            "adafactor_momentum",
-        ) and factored is None:
+        if name in FACTORED_FEATURES and factored is None:
             factored = factored_statistics(config, state, rank)
         if name == "grad":
             feature = grad.unsqueeze(batch_dims)
@@ -286,7 +264,7 @@ def apply_network(
     ``W₁ (x ⊙ s) + W₁ᵗ τ + b₁ = (W₁ ⊙ s) x + (b₁ + W₁ᵗ τ)``. This is exact math, cheaper than scaling
     ``F × N`` features, and is what the fused kernel does too.
     """
-    activation = _ACTIVATIONS[config.activation]
+    activation = ACTIVATION_FUNCTIONS[config.activation]
     n_plain = features.shape[-2]
     (w1, b1), rest = weights[0], weights[1:]
     w_plain = w1[..., :n_plain] * normalizers.unsqueeze(-2)  # (*B, H, F)
@@ -320,7 +298,7 @@ def output_step(
         step = direction * torch.exp(magnitude * config.exp_mult) * config.step_mult
     elif config.output == "normalized":
         raw = direction * torch.exp(magnitude * config.exp_mult)
-        step = raw * torch.rsqrt(tensor_mean(raw * raw, batch_dims) + 1e-12) * config.step_mult
+        step = raw * torch.rsqrt(tensor_mean(raw * raw, batch_dims) + NORMALIZED_EPS) * config.step_mult
     elif config.output == "adam_residual":
         scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
         step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)

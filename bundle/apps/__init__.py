@@ -1,0 +1,1 @@
+"""Applications on top of the library: fine-tuning recipes (`finetune`)."""
