@@ -55,10 +55,11 @@ bench-throughput: $(STAMP)
 	$(PY) benchmarks/meta_throughput.py
 
 bench-step-speed: $(STAMP)
-	$(PY) benchmarks/step_speed.py --device cpu --threads 1 --out benchmarks/results/step_speed_cpu_1thread.md
+	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/step_speed.py --device cpu --threads 1 --sizes 1e6 1e7 --repeats 3 --warmup 1 --out benchmarks/results/step_speed_cpu_1thread.md
+	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/step_speed.py --device cpu --threads 1 --sizes 1e8 --mixes transformer --repeats 1 --warmup 1 --out benchmarks/results/step_speed_cpu_1thread_100m.md
 
 bench-overhead: $(STAMP)
-	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/trainer_overhead.py --quick --models minilm smollm2 --threads 1 --out benchmarks/results/trainer_overhead.md
 
 recipe-smollm2: $(STAMP)
 	$(VENV)/bin/optbundle finetune recipes/smollm2-lora-shakespeare.yaml

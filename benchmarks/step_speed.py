@@ -1,14 +1,24 @@
 """Step time of the learned optimizer against torch AdamW, bytes per step and achieved bandwidth.
 
-    python benchmarks/step_speed.py --device cpu                  # 1M, 10M, 50M parameters
+    python benchmarks/step_speed.py --device cpu --threads 1      # 1M, 10M, 50M parameters
     python benchmarks/step_speed.py --device cuda                 # 1M … 1B parameters, fused kernels
-    python benchmarks/step_speed.py --device cpu --out benchmarks/results/step_speed_cpu.md
+    python benchmarks/step_speed.py --device cpu --threads 1 --out benchmarks/results/step_speed_cpu_1thread.md
+
+The report goes to ``--out`` (default ``outputs/step_speed_<device>.md``, outside the tracked tree).
 
 For each tensor mix (``matrix``: one large matrix; ``transformer``: a GPT-like stack of many tensors) and
-size it times ``LearnedOptimizer.step()`` (the torch path on CPU; on CUDA the fused Triton kernels, and the
-torch path too unless ``--skip-torch-on-cuda``) against ``torch.optim.AdamW`` (``foreach=True`` on CPU,
-``fused=True`` on CUDA), interleaving the two so that load from other processes hits both alike, and
-reports medians.
+size it times ``LearnedOptimizer.step()`` (on CPU the back end ``OPTBUNDLE_BACKEND`` would pick, ``fused``
+for the shipped default, or ``--backends``; on CUDA the fused Triton kernels, and the torch path too unless
+``--skip-torch-on-cuda``) against ``torch.optim.AdamW`` (``foreach=True`` and ``fused=True``), interleaving
+them so that load from other processes hits all alike, and reports medians. For rules that orthogonalize
+matrices it also reports the time spent in Newton–Schulz inside the learned steps and, on the same tensors, the
+batched iteration alone (``NS ms in step (alone)``: one
+`reference.newton_schulz` per group of same-shaped matrices, as the fused back end runs it) and
+``torch.optim.Muon``'s step on the mix's matrices (its Newton–Schulz is the same cost).
+
+Peak extra memory of a step: the rise of the process's peak RSS over its RSS before the step
+(``/proc/self/clear_refs`` resets the peak; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed large
+buffers go back to the OS and the next step's allocations show up).
 
 Bytes: the memory a step *must* move with its state layout (AdamW: read p, g, m, v and write p, m, v;
 learned: read p, g, K momenta, v (and full accumulators for rank < 2) and write them back, plus the small
@@ -32,8 +42,9 @@ from pathlib import Path
 import torch
 
 from optbundle import LearnedOptimizer, load_rule
-from optbundle.step import vocabulary
+from optbundle.step import fused_step, reference, vocabulary
 from optbundle.step import optimizer as O
+from optbundle.step.roles import is_orthogonalized
 
 CPU_SIZES = [1_000_000, 10_000_000, 50_000_000]
 CUDA_SIZES = [1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
@@ -140,44 +151,109 @@ def fmt_bytes(b: float) -> str:
     return f"{b:.2f} TB"
 
 
-def bench_case(mix, target, rule, device, dtype, backends, repeats, warmup):
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_bytes(opt, device) -> float | None:
+    """Peak RSS during one ``opt.step()`` minus the RSS before it (CPU, Linux); ``None`` elsewhere."""
+    if device.type != "cpu":
+        return None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS")
+    opt.step()
+    peak = _rss_kb("VmHWM")
+    return None if before is None or peak is None else 1024.0 * max(0, peak - before)
+
+
+def newton_schulz_seconds(config, shapes, roles, device, repeats) -> float | None:
+    """Median time of the batched Newton–Schulz iterations a step of this mix runs (fused back end), or None."""
+    groups: dict[tuple[int, int], int] = {}
+    for shape, role in zip(shapes, roles):
+        if config.output == "hybrid_residual" and is_orthogonalized(config, role, shape):
+            key = (shape[0], math.prod(shape[1:]))
+            groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return None
+    batches = [torch.randn((count, *key), device=device) for key, count in groups.items()]
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for batch in batches:
+            reference.newton_schulz(batch, config)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_case(mix, target, rule, device, dtype, backends, repeats, warmup, muon=True):
     shapes = MIXES[mix](target)
     numel = sum(math.prod(s) for s in shapes)
     param_bytes = torch.empty((), dtype=dtype).element_size()
-    adam_params = make_params(shapes, device, dtype)
-    fused = device.type == "cuda"
-    adam = torch.optim.AdamW(adam_params, lr=1e-3, weight_decay=0.01, foreach=not fused, fused=fused or None)
+    baselines = {}
+    for name, kwargs in (("adamw", dict(foreach=True)), ("adamw_fused", dict(fused=True))):
+        params = make_params(shapes, device, dtype)
+        baselines[name] = (params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **kwargs))
+    matrices = [s for s in shapes if len(s) == 2]
+    if muon and matrices and hasattr(torch.optim, "Muon"):
+        params = make_params(matrices, device, dtype)
+        baselines["muon"] = (params, torch.optim.Muon(params, lr=0.02, weight_decay=0.01))
     learned = {}
     for backend in backends:
         params = make_params(shapes, device, dtype)
-        learned[backend] = (params, LearnedOptimizer(params, rule, lr=1.0, weight_decay=0.01))
+        learned[backend] = (params, LearnedOptimizer(params, rule, lr=rule.config.recommended_lr["scratch"],
+                                                     weight_decay=0.01))
     previous = os.environ.get(O.BACKEND_ENV)
-    times: dict[str, list[float]] = {"adamw": [], **{b: [] for b in backends}}
+    times: dict[str, list[float]] = {**{b: [] for b in baselines}, **{b: [] for b in backends}}
+    ns_in_step: dict[str, list[float]] = {b: [] for b in backends}
     first_step: dict[str, float] = {}
+    peak: dict[str, float | None] = {}
     try:
         for i in range(warmup + repeats):
-            t = timed_step(adam, device)
-            if i >= warmup:
-                times["adamw"].append(t)
+            for name, (_, opt) in baselines.items():
+                t = timed_step(opt, device)
+                if i >= warmup:
+                    times[name].append(t)
             for backend, (params, opt) in learned.items():
                 os.environ[O.BACKEND_ENV] = backend
+                ns_before = fused_step.NEWTON_SCHULZ_SECONDS[0]
                 t = timed_step(opt, device)
                 if i == 0:
                     first_step[backend] = t
                 if i >= warmup:
                     times[backend].append(t)
+                    ns_in_step[backend].append(fused_step.NEWTON_SCHULZ_SECONDS[0] - ns_before)
+        for backend, (params, opt) in learned.items():
+            os.environ[O.BACKEND_ENV] = backend
+            peak[backend] = peak_extra_bytes(opt, device)
+        peak["adamw"] = peak_extra_bytes(baselines["adamw"][1], device)
     finally:
         if previous is None:
             os.environ.pop(O.BACKEND_ENV, None)
         else:
             os.environ[O.BACKEND_ENV] = previous
+    roles = next(iter(learned.values()))[1].param_groups[0]["roles"] if learned else []
     row = {
         "mix": mix,
         "tensors": len(shapes),
         "params": numel,
         "adamw_s": statistics.median(times["adamw"]),
+        "adamw_fused_s": statistics.median(times["adamw_fused"]),
+        "muon_s": statistics.median(times["muon"]) if "muon" in times else None,
+        "ns_s": newton_schulz_seconds(rule.config, shapes, roles, device, max(1, min(repeats, 3))),
         "adamw_bytes": must_move_bytes_adamw(shapes, param_bytes),
-        "adamw_state": state_bytes(adam, adam_params) / numel,
+        "adamw_state": state_bytes(*baselines["adamw"][::-1]) / numel,
+        "adamw_peak": peak["adamw"],
         "learned": {},
     }
     for backend, (params, opt) in learned.items():
@@ -187,32 +263,45 @@ def bench_case(mix, target, rule, device, dtype, backends, repeats, warmup):
             "first_s": first_step[backend],
             "bytes": must_move_bytes_learned(rule.config, shapes, param_bytes),
             "state": state_bytes(opt, params) / numel,
+            "peak": peak[backend],
+            "ns_s": statistics.median(ns_in_step[backend]) if backend == "fused" else None,
             "skipped": skipped,
         }
-    del adam, adam_params, learned
+    del baselines, learned
     return row
 
 
 # ---- report -------------------------------------------------------------------------------------------
 
 
+def _ms(seconds) -> str:
+    return "–" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _mb(b) -> str:
+    return "–" if b is None else f"{b / 2**20:.0f} MB"
+
+
 def table(rows, copy_bw, rule_name, device) -> str:
-    adam_label = "AdamW fused" if device.type == "cuda" else "AdamW foreach"
     lines = [
-        f"| mix | tensors | params | {adam_label} ms | learned ({rule_name}) | ms | × AdamW | "
-        "learned GB/s (% copy) | AdamW GB/s (% copy) | bytes/step learned · AdamW | state B/param learned · AdamW |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|",
+        f"| mix | tensors | params | AdamW foreach ms | AdamW fused ms | learned ({rule_name}) | ms | × foreach | "
+        "× fused | NS ms in step (alone) | learned − NS ms (× foreach) | Muon ms | learned GB/s (% copy) | "
+        "state B/param learned · AdamW | peak extra learned · AdamW |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
-        adam_bw = row["adamw_bytes"] / row["adamw_s"]
         for backend, res in row["learned"].items():
             bw = res["bytes"] / res["s"]
+            rest, ns = "–", row["ns_s"]
+            if res["ns_s"]:  # measured inside the learned steps themselves
+                ns = res["ns_s"]
+                rest = f"{(res['s'] - ns) * 1e3:.1f} ({(res['s'] - ns) / row['adamw_s']:.2f})"
             lines.append(
-                f"| {row['mix']} | {row['tensors']} | {row['params'] / 1e6:.1f}M | {row['adamw_s'] * 1e3:.1f} | "
-                f"{backend} | {res['s'] * 1e3:.1f} | **{res['s'] / row['adamw_s']:.2f}** | "
-                f"{bw / 1e9:.1f} ({100 * bw / copy_bw:.0f}%) | {adam_bw / 1e9:.1f} ({100 * adam_bw / copy_bw:.0f}%) | "
-                f"{fmt_bytes(res['bytes'])} · {fmt_bytes(row['adamw_bytes'])} | "
-                f"{res['state']:.1f} · {row['adamw_state']:.1f} |"
+                f"| {row['mix']} | {row['tensors']} | {row['params'] / 1e6:.1f}M | {_ms(row['adamw_s'])} | "
+                f"{_ms(row['adamw_fused_s'])} | {backend} | {_ms(res['s'])} | **{res['s'] / row['adamw_s']:.2f}** | "
+                f"{res['s'] / row['adamw_fused_s']:.2f} | {_ms(ns)} ({_ms(row['ns_s'])}) | {rest} | {_ms(row['muon_s'])} | "
+                f"{bw / 1e9:.1f} ({100 * bw / copy_bw:.0f}%) | {res['state']:.1f} · {row['adamw_state']:.1f} | "
+                f"{_mb(res['peak'])} · {_mb(row['adamw_peak'])} |"
             )
     return "\n".join(lines)
 
@@ -248,7 +337,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU); default: torch's")
     parser.add_argument("--skip-torch-on-cuda", action="store_true", help="on CUDA, time only the fused kernels")
-    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--out", type=Path, help="write the markdown report here (default outputs/step_speed_<device>.md)")
+    parser.add_argument("--backends", nargs="+", choices=O.BACKENDS, help="learned back ends to time (default: the "
+                        "one OPTBUNDLE_BACKEND would pick on CPU, fused for the shipped default; triton on CUDA)")
+    parser.add_argument("--no-muon", action="store_true", help="skip torch.optim.Muon")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -259,7 +351,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sizes = [int(s) for s in (args.sizes or (CUDA_SIZES if device.type == "cuda" else CPU_SIZES))]
-    backends = ["torch"] if device.type == "cpu" else (["triton"] if args.skip_torch_on_cuda else ["triton", "torch"])
+    if args.backends:
+        backends = args.backends
+    elif device.type == "cpu":
+        backends = ["fused"]  # the path the default back end takes for large tensors of the shipped rule
+    else:
+        backends = ["triton"] if args.skip_torch_on_cuda else ["triton", "torch"]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     header = [f"# Learned step vs AdamW on {args.device}", "", f"- machine: {machine_line(device)}"]
     copy_bw = copy_bandwidth(device)
@@ -284,13 +381,14 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 chosen = [b for b in backends if not (device.type == "cuda" and b == "torch" and size > TORCH_PATH_ON_CUDA_MAX)]
-                row = bench_case(mix, size, rule, device, dtype, chosen, args.repeats, args.warmup)
+                row = bench_case(mix, size, rule, device, dtype, chosen, args.repeats, args.warmup, not args.no_muon)
                 rows.append(row)
                 for backend, res in row["learned"].items():
                     print(
                         f"  {rule_name} {mix} {row['params'] / 1e6:.1f}M {backend}: {res['s'] * 1e3:.1f} ms "
                         f"(first step {res['first_s'] * 1e3:.0f} ms, skipped {res['skipped']}) vs AdamW "
-                        f"{row['adamw_s'] * 1e3:.1f} ms",
+                        f"{row['adamw_s'] * 1e3:.1f} ms (fused {row['adamw_fused_s'] * 1e3:.1f}), NS {_ms(row['ns_s'])} ms, "
+                        f"Muon {_ms(row['muon_s'])} ms",
                         flush=True,
                     )
         text = table(rows, copy_bw, rule_name, device)
@@ -298,10 +396,10 @@ def main(argv=None) -> int:
         print("\n" + report[-3] + "\n\n" + text + "\n", flush=True)
     report.append("")
     report.append(f"- finished {time.strftime('%Y-%m-%d %H:%M:%S')}; machine at the end: {machine_line(device)}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(report) + "\n")
-        print(f"wrote {args.out}")
+    out = args.out or Path("outputs") / f"step_speed_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

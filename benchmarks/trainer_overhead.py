@@ -5,9 +5,12 @@ batch sizes: median wall time of a whole Trainer step (forward, backward, clippi
 and of `optimizer.step()` alone, measured with Trainer callbacks. As the batch grows, the gradient work grows
 and the optimizer's share falls ("optimizer dilution": C_opt / C_grad → 0).
 
-    python benchmarks/trainer_overhead.py [--quick] [--models minilm smollm2]
+    python benchmarks/trainer_overhead.py [--quick] [--models minilm smollm2] [--out outputs/trainer_overhead.md]
 
-Writes benchmarks/results/trainer_overhead.md and trainer_overhead.png.
+Writes the markdown table to ``--out`` (default ``outputs/trainer_overhead.md``, outside the tracked tree) and
+the plot next to it (``.png``). AdamW is Trainer's default optimizer (``adamw_torch_fused`` with this
+transformers); the learned one is the shipped default rule on the default CPU back end (``fused`` for its
+large tensors: `optbundle.fused_step`; its first step includes the compile, and is not in the median).
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from optbundle import Bundle, load_rule
 from optbundle.apps.finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class StepTimer(TrainerCallback):
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and batch sizes")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "trainer_overhead.md",
+                        help="markdown report (the plot goes next to it as .png)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setups = {
@@ -100,7 +103,8 @@ def main() -> None:
                              learned_step=l_step, learned_opt=l_opt))
             print(rows[-1], flush=True)
     lines = [
-        f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {2}..{steps}; "
+        f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {2}..{steps} "
+        f"(AdamW: Trainer's default, {TrainingArguments('outputs/overhead', use_cpu=True).optim.value}); "
         "`python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:]) + "` (machine shared with other jobs).",
         "",
         "| model | trainable params | batch | AdamW step s | learned step s | overhead | AdamW opt s | learned opt s | learned opt share of step |",
@@ -112,8 +116,8 @@ def main() -> None:
             f"| {r['model']} | {r['trainable'] / 1e6:.2f}M | {r['batch']} | {r['adamw_step']:.3f} | {r['learned_step']:.3f} | "
             f"{overhead * 100:+.0f}% | {r['adamw_opt']:.3f} | {r['learned_opt']:.3f} | {r['learned_opt'] / r['learned_step'] * 100:.0f}% |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "trainer_overhead.md").write_text("\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
 
@@ -131,7 +135,7 @@ def main() -> None:
     ax.set_title("optimizer dilution")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "trainer_overhead.png", dpi=120)
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ Back ends, chosen per parameter group and device at every step (`select_backend`
   the group; the default for CUDA tensors when Triton is importable. On CPU tensors only in Triton's
   interpreter mode (``TRITON_INTERPRET=1`` set before the kernels are imported), which is for tests.
 - ``torch``: `fast_step.learned_step_`, the chunked in-place torch path; the default everywhere else.
+- ``fused``: `fused_step.fused_step_`, `torch.compile`d passes (inductor's C++ code) for format-2 rules with
+  elementwise features (the shipped default); on CPU the default for such rules' tensors of at least
+  `fused_step.DEFAULT_MIN_NUMEL` elements (smaller ones, and tensors it cannot prove finite: the reference).
 - ``reference``: `reference.learned_update` per tensor, the plain math (slow; for debugging and checks).
 
-``OPTBUNDLE_BACKEND=torch|triton|reference`` overrides the choice. A rule or tensor a back end cannot
+``OPTBUNDLE_BACKEND=torch|triton|fused|reference`` overrides the choice. A rule or tensor a back end cannot
 handle falls back (triton → torch → reference) with the reason logged once. All three read and write the
 same state, so a checkpoint written by one resumes on another.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import fast_step
+from . import fast_step, fused_step
 from . import reference
 from ..files import StateMismatchError
 from .roles import assign_roles, check_roles, regime_lr_factor
@@ -38,7 +41,7 @@ from .vocabulary import MAX_GRADIENT_SQUARE_SUM  # every back end skips a tensor
 logger = logging.getLogger(__name__)
 
 DEFAULT_RULE_NAME = "default"
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "torch", "fused", "reference")
 BACKEND_ENV = "OPTBUNDLE_BACKEND"
 MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
 _LOGGED: set[str] = set()
@@ -68,6 +71,9 @@ def select_backend(device: torch.device) -> str:
     if requested:
         if requested not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={requested!r}; expected one of {', '.join(BACKENDS)}")
+        if requested == "fused" and device.type != "cpu":
+            _log_once("%s=fused serves CPU tensors only; using the torch path on %s", BACKEND_ENV, device.type)
+            return "torch"
         if requested == "triton" and device.type != "cuda":
             kernels = _triton_kernels()
             if kernels is None or not kernels.interpreter_active():
@@ -220,6 +226,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
         lr, weight_decay = float(lr), float(weight_decay)
         backend = select_backend(device)
+        if backend in ("torch", "fused") and device.type == "cpu" and fused_step.unsupported_reason(config) is None:
+            params = self._step_fused(params, config, weights, lr, weight_decay, everything=backend == "fused")
+            if backend == "fused" or config.output == "hybrid_residual":
+                backend = "reference"  # for what it leaves: small, unproved or unsupported tensors
+        elif backend == "fused":
+            _log_once("rule not supported by the fused back end (%s); using the torch path",
+                      fused_step.unsupported_reason(config))
+            backend = "torch"
         if config.output == "hybrid_residual" and backend != "reference":
             _log_once("the %s output form runs on the reference back end", config.output)
             backend = "reference"
@@ -247,6 +261,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         workers = min(torch.get_num_threads(), MAX_STEP_THREADS) if device.type == "cpu" else 1
         with fast_step.single_threaded_ops():
             self._step_torch(params, rule, config, weights, backend, lr, weight_decay, workers)
+
+    def _step_fused(self, params, config, weights, lr, weight_decay, everything: bool) -> list[torch.Tensor]:
+        """Step the tensors the fused back end takes (all it can with ``everything``, else the large ones);
+        returns the others."""
+        fused, rest = [], []
+        for param in params:
+            why = fused_step.tensor_unsupported_reason(param, param.grad, self.state[param])
+            if why and everything:
+                _log_once("tensor of shape %s not supported by the fused back end (%s)", tuple(param.shape), why)
+            take = why is None and (everything or param.numel() >= fused_step.DEFAULT_MIN_NUMEL)
+            (fused if take else rest).append(param)
+        if fused:
+            rest += fused_step.fused_step_(config, weights, fused, [self.state[p] for p in fused],
+                                           [self._roles.get(p) for p in fused], lr, weight_decay, self.regime)
+        return rest
 
     def _step_torch(self, params, rule, config, weights, backend, lr, weight_decay, workers) -> None:
         for param in params:

@@ -1,0 +1,373 @@
+"""Fused CPU back end of the learned step: `reference.learned_update`'s math as one `torch.compile`d call per tensor.
+
+For format-2 rules whose features are elementwise (grad, param, momenta, second moment, their ratios, Adam's
+direction, time; no factored statistics) and whose output is ``hybrid_residual`` or ``adam_residual``, which
+includes the shipped default. Per tensor (flattened; shapes are dynamic, so one compile per rule, step form and
+parameter dtype serves every size), one call that inductor turns into one C++ loop nest:
+
+1. **reduce** (writes nothing): the new momenta and second moment, every feature's Σx², the look-ahead's Σx²
+   (orthogonalized tensors), φ's first layer with the normalizers and the time features folded in, and a
+   **finiteness proof**: ``|x| ≤ √Σx²`` per feature pushed through ``|W|`` bounds the step and the new parameter.
+2. **apply**: per element again, features → φ (unrolled: a few dozen multiply-adds per element) → output
+   form; writes accumulators, step count and parameter in place, each write keeping the old value unless the
+   proof holds. No feature column is written to memory. For orthogonalized matrices it writes the
+   Newton–Schulz input ``unit(look-ahead) + direction`` instead and returns φ's mean magnitude; same-shaped
+   matrices are then orthogonalized together (one batched `reference.newton_schulz`) and the parameter updated.
+
+A tensor the proof does not cover (non-finite or huge gradient or parameter, a step that could overflow) is
+left untouched and handed back, as are tensors it does not take (< 2 elements, non-contiguous, not CPU); the
+caller steps those with the reference back end, which skips and counts non-finite ones exactly as before. When
+compilation fails the reason is logged once and every tensor is handed back. Inductor caches compiled code on
+disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir), so later processes skip most of the compile.
+
+Results agree with `reference.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
+tests/test_fused_step.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .roles import is_orthogonalized, regime_lr_factor, step_multiplier
+from .rule import RuleConfig
+from .vocabulary import ACTIVATION_FUNCTIONS, RMS_EPS, adam_direction_from_moments, bias_corrections
+
+logger = logging.getLogger(__name__)
+
+#: Elementwise features this path computes (anything else: `unsupported_reason`).
+_FEATURES = frozenset({
+    "grad", "param", "momentum", "second_moment", "momentum_rsqrt_second_moment", "rsqrt_second_moment",
+    "adam_direction", "time",
+})
+#: On CPU the fused path is the default for tensors of at least this many elements (smaller ones: the
+#: reference, whose cost per tensor is below a compile); ``OPTBUNDLE_BACKEND=fused`` takes every tensor.
+DEFAULT_MIN_NUMEL = 1 << 14
+#: Whether kernels go through `torch.compile` (tests set False to check the same math eagerly).
+COMPILE = True
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: Wall time spent in Newton–Schulz so far (benchmarks read the share of it in a step).
+NEWTON_SCHULZ_SECONDS = [0.0]
+_FAILED: list[str] = []  # the compile error, once one happened: every later call hands tensors back
+
+
+def unsupported_reason(config: RuleConfig) -> str | None:
+    """``None`` if this path can step tensors of ``config``'s rule, else why not."""
+    if config.format_version < 2:
+        return "format-1 rule (factored state)"
+    extra = [name for name in config.features if name not in _FEATURES]
+    if extra:
+        return f"features {extra}"
+    if config.output not in ("hybrid_residual", "adam_residual"):
+        return f"output {config.output!r}"
+    if config.param_scale:
+        return "param_scale"
+    if _FAILED:
+        return f"compilation failed ({_FAILED[0]})"
+    return None
+
+
+def tensor_unsupported_reason(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> str | None:
+    """``None`` if this path can step this tensor, else why not (the caller uses the reference)."""
+    if param.device.type != "cpu":
+        return f"{param.device.type} tensor"
+    if param.dtype not in _PARAM_DTYPES:
+        return f"parameter dtype {param.dtype}"
+    if param.numel() < 2:
+        return "fewer than 2 elements"
+    if not (param.is_contiguous() and grad.is_contiguous() and all(v.is_contiguous() for v in state.values())):
+        return "non-contiguous parameter, gradient or state"
+    if any(v.dtype != torch.float32 for k, v in state.items() if k not in ("step", "skipped_steps")):
+        return "accumulators not fp32"
+    return None
+
+
+# ---- the per-element math (traced by torch.compile; plain torch ops, so it also runs eagerly) ----------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the kernels specialize on: the rule's structure and constants."""
+
+    config: RuleConfig
+    orthogonal: bool
+
+
+def _accumulators(c: RuleConfig, g: torch.Tensor, m: Sequence[torch.Tensor], v: torch.Tensor):
+    momenta = [d * m_k + (1 - d) * g for m_k, d in zip(m, c.momentum_decays)]
+    v_new = c.second_moment_decay * v + (1 - c.second_moment_decay) * g * g
+    return momenta, v_new
+
+
+def _features(c: RuleConfig, p32, g, momenta, v_new, bc1, bc2):
+    """Non-time feature columns (each 1-D) in φ's input order; ``bc1``, ``bc2``: Adam's bias corrections."""
+    columns = []
+    rsqrt_v = torch.rsqrt(v_new + c.second_moment_eps)
+    for name in c.features:
+        if name == "grad":
+            columns.append(g)
+        elif name == "param":
+            columns.append(p32)
+        elif name == "momentum":
+            columns += momenta
+        elif name == "second_moment":
+            columns.append(v_new)
+        elif name == "momentum_rsqrt_second_moment":
+            columns += [m_k * rsqrt_v for m_k in momenta]
+        elif name == "rsqrt_second_moment":
+            columns.append(rsqrt_v)
+        elif name == "adam_direction":
+            columns.append(_adam(c, momenta, v_new, bc1, bc2))
+    return columns
+
+
+def _adam(c: RuleConfig, momenta, v_new, bc1, bc2):
+    return adam_direction_from_moments(momenta[c.adam_momentum_index], v_new, bc1, bc2, c.adam_eps)
+
+
+def _lookahead(c: RuleConfig, momenta, g):
+    index = c.orthogonal_momentum_index
+    return c.momentum_decays[index] * momenta[index] + (1 - c.momentum_decays[index]) * g
+
+
+def _phi(c: RuleConfig, columns, w, b, rest):
+    """φ unrolled over its (few) units: each hidden/output unit is a weighted sum of 1-D columns."""
+    activation = ACTIVATION_FUNCTIONS[c.activation]
+    hidden = [sum(w[h, f] * x for f, x in enumerate(columns)) + b[h] for h in range(w.shape[0])]
+    for w_l, b_l in rest:
+        hidden = [activation(x) for x in hidden]
+        hidden = [sum(w_l[o, i] * x for i, x in enumerate(hidden)) + b_l[o] for o in range(w_l.shape[0])]
+    return hidden[0], hidden[1]
+
+
+#: Scalars of a tensor's step in the plan pass 1 returns, after the F per-feature sums of squares (then φ's
+#: first layer with the normalizers and the time features folded in: H × F weights, H biases).
+_OK, _LR, _BC1, _BC2, _UNIT, _SCALARS = range(6)
+
+
+def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
+    """Pass 1 (writes nothing): the plan of this tensor's step, ``[Σx² per feature, proof (1 = the step is surely
+    finite), lr (with the schedule), Adam's bias corrections, 1/RMS(look-ahead), folded first layer]``.
+
+    ``hyper = [lr · role factor, weight decay, step multiplier]``; ``rest``: the K momenta (1-D each), then φ's
+    weights and biases."""
+    c = spec.config
+    m, weights = _split(c, rest)
+    p32, g = p.to(torch.float32), g.to(torch.float32)
+    t0 = step.to(torch.float32)
+    lr = hyper[0] * torch.rsqrt(1.0 + t0 / c.schedule_steps) if c.schedule == "inverse_sqrt" else hyper[0]
+    bc1, bc2 = bias_corrections(c, t0 + 1)
+    momenta, v_new = _accumulators(c, g, m, v)
+    columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
+    sums = torch.stack([(x * x).sum() for x in columns])
+    maxima = torch.sqrt(sums)  # max|x| ≤ √Σx²: a looser bound than max|x| but free
+    numel = p.numel()
+    lookahead = _lookahead(c, momenta, g)
+    unit = torch.rsqrt((lookahead * lookahead).sum() / numel + RMS_EPS)
+    # φ's first layer with the normalizers and the time features folded in (as `features.apply_network`)
+    w1, b1 = weights[0]
+    n_plain = len(columns)
+    w = w1[:, :n_plain] * torch.rsqrt(c.normalization_eps + sums / numel)
+    if c.num_time_inputs:
+        b1 = b1 + w1[:, n_plain:] @ torch.tanh(t0 / torch.tensor(c.time_scales, dtype=torch.float32) - 1.0)
+    # the proof: |hidden| ≤ |W|·max|x| + |b| layer by layer (|act(x)| ≤ |x| for every activation offered)
+    bound = w.abs() @ maxima + b1.abs()
+    for w_l, b_l in weights[1:]:
+        bound = w_l.abs() @ bound + b_l.abs()
+    scale = math.exp(c.magnitude_bound) * c.step_mult * hyper[2]
+    if spec.orthogonal:
+        step_max = scale * c.matrix_rms * math.sqrt(numel)
+    else:
+        adam = _adam(c, momenta, v_new, bc1, bc2)
+        step_max = scale * (torch.sqrt((adam * adam).sum()) + bound[0])
+    new_max = p32.abs().amax() * (1 + lr * c.step_mult * hyper[1]) + lr * step_max  # (fp16: √Σp² too loose)
+    limit = 0.25 * torch.finfo(p.dtype if p.dtype != torch.float64 else torch.float32).max
+    ok = (new_max < limit) & ((g * g).sum() < limit) & (bound.amax() < 1e30) & torch.isfinite(sums).all()
+    scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit])
+    return torch.cat([sums, scalars, w.reshape(-1), b1])
+
+
+def _split(c: RuleConfig, rest):
+    k = len(c.momentum_decays)
+    flat = rest[k:]
+    return rest[:k], list(zip(flat[0::2], flat[1::2]))
+
+
+def _write_param(p, p32, new32):
+    if p.dtype == torch.float64:  # add the fp32 change: a float64 parameter is not rounded to fp32
+        p.add_(new32.to(torch.float64) - p32.to(torch.float64))
+    else:
+        p.copy_(new32.to(p.dtype))
+
+
+def _step(spec: _Spec, p, g, v, step, hyper, out, *rest):
+    """Both passes in one compiled call (inductor emits the reduction loop, then the apply loop). Every write
+    keeps the old value unless the plan's proof holds, so an unproved tensor is left exactly as it was.
+    Returns ``[proof, mean φ magnitude, lr of this step]``."""
+    plan = _reduce(spec, p, g, v, step, hyper, *rest)
+    n_plain = spec.config.num_inputs - spec.config.num_time_inputs
+    ok = plan[n_plain + _OK] > 0
+    return torch.cat([plan[n_plain + _OK:][:1], _apply(spec, p, g, v, step, hyper, plan, out, ok, *rest)])
+
+
+def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, ok, *rest):
+    """Pass 2: writes momenta, second moment, step and the parameter (elementwise form) or the Newton–Schulz
+    input ``out`` (orthogonalized form), each only where ``ok``. Returns ``[mean φ magnitude, lr of this step]``."""
+    c = spec.config
+    m, weights = _split(c, rest)
+    p32, g = p.to(torch.float32), g.to(torch.float32)
+    n_plain = c.num_inputs - c.num_time_inputs
+    scalars = plan[n_plain: n_plain + _SCALARS]
+    lr, bc1, bc2 = scalars[_LR], scalars[_BC1], scalars[_BC2]
+    hidden = weights[0][0].shape[0]
+    w = plan[n_plain + _SCALARS: n_plain + _SCALARS + hidden * n_plain].view(hidden, n_plain)
+    b = plan[n_plain + _SCALARS + hidden * n_plain:]
+    momenta, v_new = _accumulators(c, g, m, v)
+    columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
+    direction, magnitude = _phi(c, columns, w, b, weights[1:])
+    if spec.orthogonal:
+        out.copy_(torch.where(ok, _lookahead(c, momenta, g) * scalars[_UNIT] + direction, 0.0))
+        mean_magnitude = magnitude.sum() / p.numel()
+    else:
+        scale = torch.exp(c.magnitude_bound * torch.tanh(magnitude))
+        u = c.step_mult * scale * (_adam(c, momenta, v_new, bc1, bc2) + direction) * hyper[2]
+        new32 = p32 - lr * u - lr * (c.step_mult * hyper[1]) * p32
+        _write_param(p, p32, torch.where(ok, new32, p32))
+        mean_magnitude = magnitude.new_zeros(())
+    for m_k, new in zip(m, momenta):  # one 1-D tensor per momentum: written in place, no staging copy
+        m_k.copy_(torch.where(ok, new, m_k))
+    v.copy_(torch.where(ok, v_new, v))
+    step.add_(ok.to(step.dtype))
+    return torch.stack([mean_magnitude, lr])
+
+
+# ---- compiled kernels ---------------------------------------------------------------------------------
+
+_KERNELS: dict = {}  # by (pass, rule config JSON, form, compiled)
+_BY_ID: dict = {}  # the same by the config's identity (its JSON costs more than a small tensor's step)
+#: Keep per-element intermediates (new momenta, features, φ's units) in registers: inductor would otherwise
+#: write a value read by several ops to memory and split the pass into several loops.
+_INDUCTOR = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 10000, "max_fusion_size": 1000,
+             "cpp.max_horizontal_fusion_size": 1000}
+_UNUSED = torch.empty(1)  # the ``out`` argument of the elementwise form
+
+
+def _kernel(name: str, spec: _Spec):
+    fast_key = (name, id(spec.config), spec.orthogonal, COMPILE)
+    hit = _BY_ID.get(fast_key)
+    if hit is not None and hit[0] is spec.config:
+        return hit[1]
+    key = (name, spec.config.to_json(), spec.orthogonal, COMPILE)
+    if key not in _KERNELS:
+        fn = {"step": _step}[name]
+
+        def kernel(*args):
+            return fn(spec, *args)
+
+        # a code object of its own per kernel: dynamo caches (and counts recompiles) per code object
+        kernel = types.FunctionType(kernel.__code__.replace(), kernel.__globals__, f"{name}_{len(_KERNELS)}",
+                                    None, kernel.__closure__)
+        _KERNELS[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=_INDUCTOR) if COMPILE else kernel
+    if len(_BY_ID) > 256:
+        _BY_ID.clear()
+    _BY_ID[fast_key] = (spec.config, _KERNELS[key])
+    return _KERNELS[key]
+
+
+def _flat(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``x`` viewed as ``shape``, as a tensor of its own (no ``_base``: dynamo would guard on the base's shape)."""
+    return x.view(*shape).detach()
+
+
+def _call(name: str, spec: _Spec, *args):
+    """The kernel's result, or ``None`` (logged once) when compiling it failed."""
+    if _FAILED:
+        return None
+    try:
+        return _kernel(name, spec)(*args)
+    except Exception as err:  # torch._dynamo / inductor / C++ compiler errors
+        _FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        logger.warning("the fused CPU back end could not compile (%s); using the reference back end", _FAILED[0])
+        return None
+
+
+# ---- the step ---------------------------------------------------------------------------------------------
+
+
+def fused_step_(
+    config: RuleConfig,
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    states: Sequence[dict[str, torch.Tensor]],
+    roles: Sequence[str | None],
+    lr: float,
+    weight_decay: float,
+    regime: str = "scratch",
+) -> list[torch.Tensor]:
+    """Step ``params`` (CPU, gradients in ``.grad``, states initialized, all supported) in place.
+
+    Returns the parameters it did not step (not provably finite, or compilation failed); the caller steps
+    those with the reference back end, which skips and counts non-finite ones.
+    """
+    flat_weights = [t for layer in weights for t in layer]
+    rest: list[torch.Tensor] = []
+    matrices: dict[tuple[int, int], list] = {}  # (rows, cols) → [(param, hyper, args, tail)]
+    for param, state, role in zip(params, states, roles):
+        shape = tuple(param.shape)
+        spec = _Spec(config, config.output == "hybrid_residual" and is_orthogonalized(config, role, shape))
+        multiplier = step_multiplier(config, role, shape) if config.output == "hybrid_residual" else 1.0
+        hyper = torch.tensor([lr * regime_lr_factor(config, role, regime), weight_decay, multiplier])
+        momenta = _flat(state["momentum"], state["momentum"].shape[0], -1)
+        args = (_flat(param, -1), _flat(param.grad, -1), _flat(state["second_moment"], -1), state["step"], hyper)
+        tail = (*(m.detach() for m in momenta.unbind(0)), *flat_weights)
+        if not spec.orthogonal:
+            info = _call("step", spec, *args, _UNUSED, *tail)
+            if info is None or info[0].item() != 1.0:
+                rest.append(param)
+            continue
+        rows = param.shape[0]
+        group = matrices.setdefault((rows, param.numel() // rows), [])
+        group.append((param, hyper, args, tail))
+    for (rows, cols), group in matrices.items():
+        batch = torch.empty((len(group), rows, cols))
+        done = []
+        for index, (param, hyper, args, tail) in enumerate(group):
+            spec = _Spec(config, True)
+            info = _call("step", spec, *args, _flat(batch[index], -1), *tail)
+            if info is None or info[0].item() != 1.0:
+                rest.append(param)
+            else:
+                done.append((index, param, hyper, info[1:]))
+        if not done:
+            continue
+        start = time.perf_counter()
+        ortho = reference.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
+        NEWTON_SCHULZ_SECONDS[0] += time.perf_counter() - start
+        for o, (_, param, hyper, info) in zip(ortho, done):
+            mean_magnitude, step_lr = float(info[0]), float(info[1])
+            multiplier = float(hyper[2])
+            rms = float(torch.linalg.vector_norm(o)) / math.sqrt(o.numel())
+            coefficient = (step_lr * config.step_mult * math.exp(config.magnitude_bound * math.tanh(mean_magnitude))
+                           * multiplier * config.matrix_rms / math.sqrt(rms * rms + RMS_EPS))
+            decay = step_lr * config.step_mult * float(hyper[1])
+            _apply_matrix(param, o.view(param.shape), coefficient, decay)
+    return rest
+
+
+def _apply_matrix(param: torch.Tensor, o: torch.Tensor, coefficient: float, decay: float) -> None:
+    """``p ← p − decay · p − coefficient · o`` in fp32 (the Newton–Schulz output ``o``)."""
+    if param.dtype == torch.float32:
+        if decay:
+            param.mul_(1 - decay)
+        param.add_(o, alpha=-coefficient)
+        return
+    p32 = param.to(torch.float32)
+    new32 = p32 * (1 - decay) - coefficient * o
+    _write_param(param, p32, new32)
