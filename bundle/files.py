@@ -206,15 +206,20 @@ def read_json_file(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
         data = path.read_bytes()
     except OSError as err:
         raise MissingFileError(f"{path}: cannot be read ({short_repr(err, 200)})") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorruptFileError(f"{path}: not valid UTF-8 JSON ({err.reason} at byte {err.start})") from err
+    text = _decode_utf8(data, path, "not valid UTF-8 JSON ({err.reason} at byte {err.start})")
     return parse_json_text(text, source=str(path))
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _decode_utf8(data: bytes, path: Path, message: str) -> str:
+    """``data`` as UTF-8 text; `CorruptFileError` ``"{path}: {message}"`` otherwise (``message`` may name ``{err}``)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(f"{path}: " + message.format(err=err)) from err
 
 
 def _json_depth(text: str) -> int:
@@ -309,10 +314,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             raw = handle.read(length)
     except OSError as err:
         raise MissingFileError(f"{path}: cannot be read ({short_repr(err, 200)})") from err
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorruptFileError(f"{path}: safetensors header is not UTF-8") from err
+    text = _decode_utf8(raw, path, "safetensors header is not UTF-8")
     header = parse_json_text(text, source=f"{path} (safetensors header)")
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: safetensors header is not a JSON object")

@@ -447,6 +447,53 @@ def _col_area_size(slices: int, cols: int, j: int, h: int) -> int:
 
 
 @triton.jit
+def _factor_geometry(meta, scratch, t):
+    """Tensor ``t``'s factored layout: ``(slices, rows, cols, row_area, col_area)`` (areas as scratch pointers)."""
+    slices = tl.load(meta + t * METAS + M_SLICES)
+    rows = tl.load(meta + t * METAS + M_ROWS)
+    cols = tl.load(meta + t * METAS + M_COLS)
+    row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
+    col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
+    return slices, rows, cols, row_area, col_area
+
+
+@triton.jit
+def _factor_ema_stats(
+    area, state, slice_sums, sums, maxs, consts, j, n, width, rows, slices,
+    STATE_OTHER: tl.constexpr, IS_ROW: tl.constexpr,
+    K: tl.constexpr, J: tl.constexpr, RSQRT_EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Decay ``j`` of one factor axis (``n`` rows or columns): ``new = β state + (1−β) area/width`` stored at
+    ``area + n (1 + j)``; rows add ``new`` to their slice sum, columns store ``rsqrt(new)`` at ``area + n (1 + J + j)``;
+    the sums of squares and maxima of ``new`` and ``rsqrt(new + ε)`` go to ``sums``/``maxs`` (``+ j``, ``+ J + j``)."""
+    beta = tl.load(consts + 2 * K + j)
+    one_minus = tl.load(consts + 2 * K + J + j)
+    stat_sq = tl.zeros((BLOCK,), tl.float32)
+    rsqrt_sq = tl.zeros((BLOCK,), tl.float32)
+    stat_max = tl.zeros((BLOCK,), tl.float32)
+    rsqrt_max = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        qq = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = qq < n
+        mean = tl.load(area + qq, mask=mask, other=0.0) / width
+        new = beta * tl.load(state + j * n + qq, mask=mask, other=STATE_OTHER) + one_minus * mean
+        tl.store(area + n * (1 + j) + qq, new, mask=mask)
+        if IS_ROW:
+            tl.atomic_add(slice_sums + j * slices + qq // rows, new, mask=mask)
+        else:
+            tl.store(area + n * (1 + J + j) + qq, tl.rsqrt(new), mask=mask)
+        rs = tl.rsqrt(new + RSQRT_EPS)
+        stat_sq += tl.where(mask, new * new, 0.0)
+        rsqrt_sq += tl.where(mask, rs * rs, 0.0)
+        stat_max = tl.maximum(stat_max, tl.where(mask, tl.where(new == new, tl.abs(new), float("inf")), 0.0))
+        rsqrt_max = tl.maximum(rsqrt_max, tl.where(mask, tl.where(rs == rs, tl.abs(rs), float("inf")), 0.0))
+    tl.store(sums + j, tl.sum(stat_sq))
+    tl.store(sums + J + j, tl.sum(rsqrt_sq))
+    tl.store(maxs + j, tl.max(stat_max))
+    tl.store(maxs + J + j, tl.max(rsqrt_max))
+
+
+@triton.jit
 def _rows_cols_kernel(
     pointers, meta, scratch, consts,
     K: tl.constexpr, J: tl.constexpr, H: tl.constexpr, RSQRT_EPS: tl.constexpr,
@@ -457,40 +504,18 @@ def _rows_cols_kernel(
     factor ``rsqrt(row'/mean_r(row'))`` (mean per slice), the column factor ``rsqrt(col')``, and the sums of
     squares / maxima of the row and column features."""
     t = tl.program_id(0).to(tl.int64)
-    slices = tl.load(meta + t * METAS + M_SLICES)
-    rows = tl.load(meta + t * METAS + M_ROWS)
-    cols = tl.load(meta + t * METAS + M_COLS)
+    slices, rows, cols, row_area, col_area = _factor_geometry(meta, scratch, t)
     scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
-    row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
-    col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
     row_state = tl.load(pointers + t * POINTERS + P_ROW).to(tl.pointer_type(tl.float32))
     col_state = tl.load(pointers + t * POINTERS + P_COL).to(tl.pointer_type(tl.float32))
     n_rows = slices * rows
     n_cols = slices * cols
     slice_sums = row_area + n_rows * (1 + 2 * J + H)
     for j in tl.static_range(J):
-        beta = tl.load(consts + 2 * K + j)
-        one_minus = tl.load(consts + 2 * K + J + j)
-        stat_sq = tl.zeros((BLOCK,), tl.float32)
-        rsqrt_sq = tl.zeros((BLOCK,), tl.float32)
-        stat_max = tl.zeros((BLOCK,), tl.float32)
-        rsqrt_max = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, n_rows, BLOCK):
-            qq = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = qq < n_rows
-            mean = tl.load(row_area + qq, mask=mask, other=0.0) / cols
-            new = beta * tl.load(row_state + j * n_rows + qq, mask=mask, other=0.0) + one_minus * mean
-            tl.store(row_area + n_rows * (1 + j) + qq, new, mask=mask)
-            tl.atomic_add(slice_sums + j * slices + qq // rows, new, mask=mask)
-            rs = tl.rsqrt(new + RSQRT_EPS)
-            stat_sq += tl.where(mask, new * new, 0.0)
-            rsqrt_sq += tl.where(mask, rs * rs, 0.0)
-            stat_max = tl.maximum(stat_max, tl.where(mask, tl.where(new == new, tl.abs(new), float("inf")), 0.0))
-            rsqrt_max = tl.maximum(rsqrt_max, tl.where(mask, tl.where(rs == rs, tl.abs(rs), float("inf")), 0.0))
-        tl.store(scal + OFF_ROW_SUMS + j, tl.sum(stat_sq))
-        tl.store(scal + OFF_ROW_SUMS + J + j, tl.sum(rsqrt_sq))
-        tl.store(scal + OFF_ROW_MAXS + j, tl.max(stat_max))
-        tl.store(scal + OFF_ROW_MAXS + J + j, tl.max(rsqrt_max))
+        _factor_ema_stats(
+            row_area, row_state, slice_sums, scal + OFF_ROW_SUMS, scal + OFF_ROW_MAXS, consts, j, n_rows, cols, rows,
+            slices, 0.0, True, K, J, RSQRT_EPS, BLOCK,
+        )
     tl.debug_barrier()  # slice sums and new rows are complete before the row factors read them
     for j in tl.static_range(J):
         for start in range(0, n_rows, BLOCK):
@@ -500,28 +525,10 @@ def _rows_cols_kernel(
             mean = tl.load(slice_sums + j * slices + qq // rows, mask=mask, other=1.0) / rows
             tl.store(row_area + n_rows * (1 + J + j) + qq, tl.rsqrt(new / mean), mask=mask)
     for j in tl.static_range(J):
-        beta = tl.load(consts + 2 * K + j)
-        one_minus = tl.load(consts + 2 * K + J + j)
-        stat_sq = tl.zeros((BLOCK,), tl.float32)
-        rsqrt_sq = tl.zeros((BLOCK,), tl.float32)
-        stat_max = tl.zeros((BLOCK,), tl.float32)
-        rsqrt_max = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            cc = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = cc < n_cols
-            mean = tl.load(col_area + cc, mask=mask, other=0.0) / rows
-            new = beta * tl.load(col_state + j * n_cols + cc, mask=mask, other=1.0) + one_minus * mean
-            tl.store(col_area + n_cols * (1 + j) + cc, new, mask=mask)
-            tl.store(col_area + n_cols * (1 + J + j) + cc, tl.rsqrt(new), mask=mask)
-            rs = tl.rsqrt(new + RSQRT_EPS)
-            stat_sq += tl.where(mask, new * new, 0.0)
-            rsqrt_sq += tl.where(mask, rs * rs, 0.0)
-            stat_max = tl.maximum(stat_max, tl.where(mask, tl.where(new == new, tl.abs(new), float("inf")), 0.0))
-            rsqrt_max = tl.maximum(rsqrt_max, tl.where(mask, tl.where(rs == rs, tl.abs(rs), float("inf")), 0.0))
-        tl.store(scal + OFF_COL_SUMS + j, tl.sum(stat_sq))
-        tl.store(scal + OFF_COL_SUMS + J + j, tl.sum(rsqrt_sq))
-        tl.store(scal + OFF_COL_MAXS + j, tl.max(stat_max))
-        tl.store(scal + OFF_COL_MAXS + J + j, tl.max(rsqrt_max))
+        _factor_ema_stats(
+            col_area, col_state, slice_sums, scal + OFF_COL_SUMS, scal + OFF_COL_MAXS, consts, j, n_cols, rows, rows,
+            slices, 1.0, False, K, J, RSQRT_EPS, BLOCK,
+        )
 
 
 # ---- pass 3: sums of squares of the Adafactor features -------------------------------------------------
@@ -538,12 +545,8 @@ def _reduce_adafactor_kernel(
     t = tl.load(programs + PROGRAMS * pid + R_TENSOR).to(tl.int64)
     tile = tl.load(programs + PROGRAMS * pid + R_TILE).to(tl.int64)
     n = tl.load(meta + t * METAS + M_NUMEL)
-    slices = tl.load(meta + t * METAS + M_SLICES)
-    rows = tl.load(meta + t * METAS + M_ROWS)
-    cols = tl.load(meta + t * METAS + M_COLS)
+    slices, rows, cols, row_area, col_area = _factor_geometry(meta, scratch, t)
     scal = scratch + tl.load(meta + t * METAS + M_SCALARS)
-    row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
-    col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
     grad_ptr = tl.load(pointers + t * POINTERS + P_GRAD).to(tl.pointer_type(GRAD_DTYPE))
     mom_ptr = tl.load(pointers + t * POINTERS + P_MOMENTUM).to(tl.pointer_type(tl.float32))
     n_rows = slices * rows
@@ -752,11 +755,7 @@ def _apply_kernel(
         bc1 = tl.load(scal + OFF_FLAGS + F_BC1)
         bcv = tl.load(scal + OFF_FLAGS + F_BCV)
         if FACTORED:
-            slices = tl.load(meta + t * METAS + M_SLICES)
-            rows = tl.load(meta + t * METAS + M_ROWS)
-            cols = tl.load(meta + t * METAS + M_COLS)
-            row_area = scratch + tl.load(meta + t * METAS + M_ROW_AREA)
-            col_area = scratch + tl.load(meta + t * METAS + M_COL_AREA)
+            slices, rows, cols, row_area, col_area = _factor_geometry(meta, scratch, t)
             n_rows = slices * rows
             n_cols = slices * cols
             q = idx // cols  # global row

@@ -47,7 +47,7 @@ from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
 from ..store.bundle import Bundle
 from ..store.rule import LearnedRule
-from .trainer import MetaTrainConfig, MetaTrainer
+from .trainer import ESTIMATORS, MetaTrainConfig, MetaTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RefineConfig:
         problems = []
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             problems.append(f"lr must be > 0, got {self.lr!r}")
-        if self.estimator not in ("pes", "es", "tbptt"):
+        if self.estimator not in ESTIMATORS:
             problems.append(f"estimator must be pes, es or tbptt, got {self.estimator!r}")
         if len(self.episode_length) != 2 or not 1 <= self.episode_length[0] <= self.episode_length[1]:
             problems.append(f"episode_length must be [lo, hi] with 1 <= lo <= hi, got {self.episode_length!r}")

@@ -192,7 +192,17 @@ class RuleConfig:
         def bad(name: str, why: str) -> RuleConfigError:
             return RuleConfigError(f"RuleConfig.{name}: {why}")
 
-        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+        def check_choice(name: str, choices: tuple[str, ...] | list[str], what: str = "value") -> None:
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise bad(name, f"unknown {what} {short_repr(value)}; known: {', '.join(choices)}")
+
+        def check_momentum_index(name: str) -> None:
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < len(self.momentum_decays):
+                raise bad(name, f"must index momentum_decays, got {short_repr(value)}")
+
+        if not _is_int(self.format_version):
             raise bad("format_version", f"must be an integer, got {short_repr(self.format_version)}")
         if self.format_version > RULE_FORMAT_VERSION:
             raise FormatVersionError(
@@ -240,31 +250,22 @@ class RuleConfig:
                 raise bad(name, f"must be a number in (0, {MAX_EPS:g}], got {short_repr(value)}")
         if not _is_number(self.factored_eps) or not 0 <= self.factored_eps <= MAX_EPS:
             raise bad("factored_eps", f"must be a number in [0, {MAX_EPS:g}], got {short_repr(self.factored_eps)}")
-        if not isinstance(self.factored_dims, str) or self.factored_dims not in FACTORED_DIMS:
-            raise bad("factored_dims", f"unknown value {short_repr(self.factored_dims)}; known: {', '.join(FACTORED_DIMS)}")
-        if (
-            not isinstance(self.adam_momentum_index, int)
-            or isinstance(self.adam_momentum_index, bool)
-            or not 0 <= self.adam_momentum_index < len(self.momentum_decays)
-        ):
-            raise bad("adam_momentum_index", f"must index momentum_decays, got {short_repr(self.adam_momentum_index)}")
+        check_choice("factored_dims", FACTORED_DIMS)
+        check_momentum_index("adam_momentum_index")
         if not isinstance(self.hidden_sizes, list) or len(self.hidden_sizes) > MAX_HIDDEN_LAYERS:
             raise bad("hidden_sizes", f"must be a list of at most {MAX_HIDDEN_LAYERS} positive integers")
         for width in self.hidden_sizes:
-            if not isinstance(width, int) or isinstance(width, bool) or not 0 < width <= MAX_HIDDEN_WIDTH:
+            if not _is_int(width) or not 0 < width <= MAX_HIDDEN_WIDTH:
                 raise bad("hidden_sizes", f"width {short_repr(width)} is not an integer in [1, {MAX_HIDDEN_WIDTH}]")
-        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-            raise bad("activation", f"unknown activation {short_repr(self.activation)}; known: {', '.join(ACTIVATIONS)}")
-        if not isinstance(self.output, str) or self.output not in OUTPUT_FORMS:
-            raise bad("output", f"unknown output form {short_repr(self.output)}; known: {', '.join(OUTPUT_FORMS)}")
+        check_choice("activation", ACTIVATIONS, "activation")
+        check_choice("output", OUTPUT_FORMS, "output form")
         for name in ("exp_mult", "step_mult", "magnitude_bound", "param_scale_min"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= MAX_MULTIPLIER:
                 raise bad(name, f"must be a number in [0, {MAX_MULTIPLIER:g}], got {short_repr(value)}")
         if not isinstance(self.param_scale, bool):
             raise bad("param_scale", f"must be true or false, got {short_repr(self.param_scale)}")
-        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
-            raise bad("schedule", f"unknown schedule {short_repr(self.schedule)}; known: {', '.join(SCHEDULES)}")
+        check_choice("schedule", SCHEDULES, "schedule")
         if not _is_number(self.schedule_steps) or not 0 < self.schedule_steps <= MAX_TIME_SCALE:
             raise bad("schedule_steps", f"must be a number of steps in (0, {MAX_TIME_SCALE:g}], got {short_repr(self.schedule_steps)}")
         if self.schedule != "constant" and self.output != "hybrid_residual":
@@ -284,13 +285,8 @@ class RuleConfig:
             raise bad("orthogonal_roles", f"must be a list of roles from {', '.join(ROLES)}, got {short_repr(self.orthogonal_roles)}")
         if self.orthogonal_roles and self.output != "hybrid_residual":
             raise bad("orthogonal_roles", "only the 'hybrid_residual' output orthogonalizes; leave it empty")
-        if (
-            not isinstance(self.orthogonal_momentum_index, int)
-            or isinstance(self.orthogonal_momentum_index, bool)
-            or not 0 <= self.orthogonal_momentum_index < len(self.momentum_decays)
-        ):
-            raise bad("orthogonal_momentum_index", f"must index momentum_decays, got {short_repr(self.orthogonal_momentum_index)}")
-        if not isinstance(self.ns_steps, int) or isinstance(self.ns_steps, bool) or not 1 <= self.ns_steps <= 20:
+        check_momentum_index("orthogonal_momentum_index")
+        if not _is_int(self.ns_steps) or not 1 <= self.ns_steps <= 20:
             raise bad("ns_steps", f"must be an integer in [1, 20], got {short_repr(self.ns_steps)}")
         if (
             not isinstance(self.ns_coefficients, list)
@@ -300,16 +296,10 @@ class RuleConfig:
             raise bad("ns_coefficients", f"must be three finite numbers (a, b, c), got {short_repr(self.ns_coefficients)}")
         if not _is_number(self.matrix_rms) or not 0 < self.matrix_rms <= MAX_MULTIPLIER:
             raise bad("matrix_rms", f"must be a number in (0, {MAX_MULTIPLIER:g}], got {short_repr(self.matrix_rms)}")
-        if not isinstance(self.width_scaling, str) or self.width_scaling not in WIDTH_SCALINGS:
-            raise bad("width_scaling", f"unknown value {short_repr(self.width_scaling)}; known: {', '.join(WIDTH_SCALINGS)}")
-        if (
-            not isinstance(self.base_fan_in, int)
-            or isinstance(self.base_fan_in, bool)
-            or not 0 < self.base_fan_in <= MAX_BASE_FAN_IN
-        ):
+        check_choice("width_scaling", WIDTH_SCALINGS)
+        if not _is_int(self.base_fan_in) or not 0 < self.base_fan_in <= MAX_BASE_FAN_IN:
             raise bad("base_fan_in", f"must be an integer in [1, {MAX_BASE_FAN_IN}], got {short_repr(self.base_fan_in)}")
-        if not isinstance(self.finetune_head_lr, str) or self.finetune_head_lr not in FINETUNE_HEAD_LRS:
-            raise bad("finetune_head_lr", f"unknown value {short_repr(self.finetune_head_lr)}; known: {', '.join(FINETUNE_HEAD_LRS)}")
+        check_choice("finetune_head_lr", FINETUNE_HEAD_LRS)
         if self.format_version == 1 and self.finetune_head_lr != LATE_DEFAULTS["finetune_head_lr"]:
             raise bad("finetune_head_lr", "needs format_version 2 (set it)")
 
@@ -366,6 +356,11 @@ class RuleConfig:
         except CorruptFileError as err:
             raise RuleConfigError(str(err)) from err
         return cls.from_dict(data, source=source)
+
+
+def _is_int(x: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: Any) -> bool:
