@@ -18,6 +18,11 @@ Back ends, chosen per parameter group and device at every step (`select_backend`
 ``OPTBUNDLE_BACKEND=torch|triton|fused|reference`` overrides the choice. A rule or tensor a back end cannot
 handle falls back (triton → torch → reference) with the reason logged once. All three read and write the
 same state, so a checkpoint written by one resumes on another.
+
+``state_dtype=torch.bfloat16`` keeps momenta and second moment in bf16 (8 B per parameter for the shipped
+default rule instead of 16): every back end steps one tensor at a time on fp32 copies of its accumulators, which
+are then rounded back to bf16 stochastically (`round_to_state_`; round-to-nearest would freeze the β=0.999
+second moment, whose per-step change is below half a bf16 ulp). Counters stay int64.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ DEFAULT_RULE_NAME = "default"
 BACKENDS = ("triton", "torch", "fused", "reference")
 BACKEND_ENV = "OPTBUNDLE_BACKEND"
 MAX_STEP_THREADS = 8  # threads the torch path spreads chunks over (at most torch.get_num_threads())
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+#: Round bf16 state stochastically (False: to nearest; benchmarks/state_dtype.py compares the two).
+STOCHASTIC_ROUNDING = True
 _LOGGED: set[str] = set()
 
 
@@ -100,6 +108,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled weight decay: ``p ← p · (1 − lr · step_mult · weight_decay)`` (AdamW's meaning).
         regime: "scratch" (a freshly initialized model) or "finetune" (a pretrained one): picks the rule's
             recommended lr when ``lr`` is None.
+        state_dtype: dtype of the accumulators in memory: ``torch.float32`` (default) or ``torch.bfloat16``
+            (half the memory; the math still runs in fp32, see the module docstring).
 
     Each param group holds ``"roles"``, one role per parameter (`optbundle.step.roles`), assigned from the
     parameter names (``(name, parameter)`` pairs) and shapes unless the group gives them; format-2 rules
@@ -124,6 +134,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: float | None = None,
         weight_decay: float = 0.0,
         regime: str = "scratch",
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if isinstance(rule, RuleNetwork):
             rules = {DEFAULT_RULE_NAME: rule}
@@ -133,7 +144,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"rule must be a LearnedRule or a non-empty mapping name -> LearnedRule, got {type(rule).__name__}")
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
         self.regime = regime
+        self.state_dtype = state_dtype
         first = rules[DEFAULT_RULE_NAME] if DEFAULT_RULE_NAME in rules else next(iter(rules.values()))
         if lr is None:
             lr = float(first.config.recommended_lr[regime])
@@ -211,17 +225,41 @@ class LearnedOptimizer(torch.optim.Optimizer):
         key = (id(state), *(id(v) for v in state.values()))
         if self._checked_states.get(param) == key:
             return
-        check_state_layout(rule.config, param.shape, state, f"a parameter of shape {tuple(param.shape)}")
+        label = f"a parameter of shape {tuple(param.shape)}"
+        check_state_layout(rule.config, param.shape, state, label)
+        for name, value in state.items():
+            if value.is_floating_point() and value.dtype != self.state_dtype:
+                raise StateMismatchError(
+                    f"optimizer state {name!r} for {label} is {value.dtype}; this optimizer keeps {self.state_dtype} "
+                    "state (load state through load_state_dict, which converts it)"
+                )
         self._checked_states[param] = key
 
     def _init_state(self, param: torch.Tensor, rule: RuleNetwork) -> None:
         state = self.state[param]
         if not state:
-            state.update(reference.init_state(rule.config, param.shape, device=param.device))
+            state.update(reference.init_state(rule.config, param.shape, device=param.device, dtype=self.state_dtype))
             state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=param.device)
 
     def _step_params(self, params: list[torch.Tensor], rule: RuleNetwork, device: torch.device, lr, weight_decay) -> None:
-        """One step of ``params`` (all on ``device``, states initialized) with the selected back end."""
+        """One step of ``params`` (all on ``device``, states initialized); bf16 state: one tensor at a time on
+        fp32 copies of its accumulators, rounded back after the step."""
+        if self.state_dtype == torch.float32:
+            self._step_group(params, rule, device, lr, weight_decay)
+            return
+        for param in params:
+            state = self.state[param]
+            narrow = {key: value for key, value in state.items() if value.is_floating_point()}
+            state.update({key: value.to(torch.float32) for key, value in narrow.items()})
+            try:
+                self._step_group([param], rule, device, lr, weight_decay)
+                for salt, (key, value) in enumerate(narrow.items()):
+                    round_to_state_(value, state[key], seed=int(state["step"]) * len(narrow) + salt)
+            finally:
+                state.update(narrow)  # the same tensors as before: checked layouts stay valid
+
+    def _step_group(self, params: list[torch.Tensor], rule: RuleNetwork, device: torch.device, lr, weight_decay) -> None:
+        """One step of ``params`` (all on ``device``, fp32 states initialized) with the selected back end."""
         config = rule.config
         weights = [(w.detach().to(device, torch.float32), b.detach().to(device, torch.float32)) for w, b in rule.weights]
         lr, weight_decay = float(lr), float(weight_decay)
@@ -339,11 +377,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         layout depends on it). Only tensors, strings and plain containers: ``torch.load(weights_only=True)`` works."""
         state = super().state_dict()
         state["rule_configs"] = {name: _config_digest(rule) for name, rule in self.rules.items()}
+        state["state_dtype"] = str(self.state_dtype).removeprefix("torch.")
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but keeps accumulators fp32 and counters int64 whatever the parameter dtype, and checks
-        everything before it changes anything.
+        """Like torch's, but keeps accumulators in this optimizer's ``state_dtype`` (fp32 state loaded into a
+        bf16-state optimizer is rounded to nearest, bf16 into fp32 is exact) and counters int64 whatever the
+        parameter dtype, and checks everything before it changes anything.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating per-parameter state to the parameter's dtype,
         which would round fp32 accumulators of bf16/fp16 parameters (and even cast integer counters). Checked
@@ -396,10 +436,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 group["roles"] = group_roles
         for pid, param in zip(saved_ids, params):
             if pid in saved_state:
-                self.state[param] = {
-                    key: value.detach().clone().to(device=param.device) if isinstance(value, torch.Tensor) else value
-                    for key, value in saved_state[pid].items()
-                }
+                self.state[param] = {key: self._own_state(value, param) for key, value in saved_state[pid].items()}
+
+    def _own_state(self, value: Any, param: torch.Tensor) -> Any:
+        """A saved state entry as this optimizer keeps it: a copy on ``param``'s device, accumulators in
+        ``state_dtype``."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        dtype = self.state_dtype if value.is_floating_point() else torch.int64
+        return value.detach().to(device=param.device, dtype=dtype, copy=True)
 
     def parameter_names(self) -> dict[torch.Tensor, str]:
         """Map parameter → name from ``param_names`` stored by torch when named parameters were given."""
@@ -455,10 +500,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                             f"optimizer state {key!r} for parameter {name!r} has shape {list(saved[key].shape)}, "
                             f"expected {list(ref.shape)} (parameter shape {list(param.shape)})"
                         )
-                self.state[param] = {
-                    key: saved[key].detach().to(device=param.device, dtype=ref.dtype).clone()
-                    for key, ref in expected.items()
-                }
+                self.state[param] = {key: self._own_state(saved[key], param) for key in expected}
                 restored.append(name)
         return restored
 
@@ -522,3 +564,19 @@ def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_schedu
 
 def _constant_one(_: int) -> float:
     return 1.0
+
+
+def round_to_state_(out: torch.Tensor, value: torch.Tensor, seed: int) -> None:
+    """Write fp32 ``value`` into bf16 ``out``: stochastically (`STOCHASTIC_ROUNDING`; rounded up in magnitude
+    with probability equal to the dropped fraction, so small EMA increments survive on average) or to nearest.
+
+    The random bits come from a generator seeded with ``seed`` (the step count), so a resumed run rounds exactly
+    as the uninterrupted one. A value already representable in bf16 (e.g. a skipped step's) is kept exactly.
+    """
+    if not STOCHASTIC_ROUNDING or out.dtype != torch.bfloat16:
+        out.copy_(value)
+        return
+    generator = torch.Generator(device=value.device).manual_seed(seed)
+    noise = torch.randint(0, 1 << 16, value.shape, generator=generator, device=value.device, dtype=torch.int32)
+    bits = value.contiguous().view(torch.int32) + noise  # sign-magnitude: adds to |value|'s low 16 bits
+    out.copy_(bits.bitwise_and_(-(1 << 16)).view(torch.float32))  # truncated to bf16's bits: exact copy

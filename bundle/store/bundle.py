@@ -256,6 +256,7 @@ class Bundle:
         num_warmup_steps: int | float = 0,
         scheduler_kwargs: dict[str, Any] | None = None,
         keep_loss_scaling: bool = True,
+        state_dtype: torch.dtype = torch.float32,
     ) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         """``(LearnedOptimizer over the model's trainable parameters, scheduler)`` for ``Trainer(optimizers=...)``.
 
@@ -274,6 +275,8 @@ class Bundle:
                 ``num_warmup_steps`` (an int, or a float in [0, 1) as a fraction) and ``scheduler_kwargs``.
             keep_loss_scaling: set ``accepts_loss_kwargs = False`` on the model (see `trainer.keep_loss_scaling`)
                 so gradient accumulation does not scale gradients up.
+            state_dtype: the accumulators' dtype in memory, ``torch.float32`` or ``torch.bfloat16``
+                (`LearnedOptimizer`).
 
         Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
         ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
@@ -287,7 +290,8 @@ class Bundle:
                 weight_decay = float(args.weight_decay)
         if keep_loss_scaling:
             _keep_loss_scaling(self.model)
-        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=weight_decay or 0.0, regime=regime)
+        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=weight_decay or 0.0, regime=regime,
+                                         state_dtype=state_dtype)
         if lr_scheduler_type is not None:
             schedule = build_schedule(
                 optimizer, lr_scheduler_type, num_training_steps=num_training_steps,
@@ -304,6 +308,7 @@ class Bundle:
         lr: float | None = None,
         weight_decay: float = 0.0,
         regime: str | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> LearnedOptimizer:
         """The `LearnedOptimizer` over ``model``'s trainable parameters: one param group per rule (routing) and,
         with weight decay, per decay/no-decay (Trainer's rule: no decay on biases and norm weights)."""
@@ -322,7 +327,7 @@ class Bundle:
         ]
         optimizer = LearnedOptimizer(
             param_groups, self.rules, lr=lr, weight_decay=weight_decay,
-            regime=regime or self.regime or detect_regime(model),
+            regime=regime or self.regime or detect_regime(model), state_dtype=state_dtype,
         )
         if self.state:
             restored = optimizer.load_named_state(self.state)
@@ -336,6 +341,7 @@ class Bundle:
         weight_decay: float | None = None,
         regime: str | None = None,
         keep_loss_scaling: bool = True,
+        state_dtype: torch.dtype = torch.float32,
     ) -> tuple[Any, dict[str, Any]]:
         """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
@@ -351,7 +357,7 @@ class Bundle:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
                 from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
 
-                chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, **kwargs}
+                chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, "state_dtype": state_dtype, **kwargs}
                 trainer = find_trainer()
                 if trainer is not None:
                     if chosen["lr"] is None:
