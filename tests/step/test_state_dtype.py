@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import one_thread  # noqa: F401
 from optbundle import Bundle, LearnedOptimizer, load_rule
-from optbundle.step import fused_step
+from optbundle.step import fast_step, fused_step
 from optbundle.step import optimizer as O
 
 STEPS = 20
@@ -40,14 +40,28 @@ def make(rule, state_dtype, seed: int = 0):
     return model, LearnedOptimizer(list(model.named_parameters()), rule, regime="finetune", state_dtype=state_dtype)
 
 
-# format 2 (the shipped default) on the reference and fused back ends; format 1 on the torch path
-CASES = [("default", "reference"), ("default", "fused"), ("default-v2", "torch")]
+# format 2 (the shipped default) on the reference and fused back ends; format 1 on the torch path and on the
+# Triton kernels (interpreted: tests/conftest.py sets TRITON_INTERPRET=1)
+CASES = [("default", "reference"), ("default", "fused"), ("default-v2", "torch"),
+         pytest.param("default-v2", "triton", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("rule_name,backend", CASES)
 def test_bf16_state_tracks_fp32_state(rule_name, backend, monkeypatch, one_thread):
     monkeypatch.setenv(O.BACKEND_ENV, backend)
     monkeypatch.setattr(fused_step, "COMPILE", False)  # the same math eagerly (compiling is for the benchmarks)
+    monkeypatch.setattr(fast_step, "SMALL_TENSOR", 0)  # the torch path takes these small tensors too
+    if backend == "triton":
+        kernels = pytest.importorskip("optbundle.kernels.learned_step")
+        if not kernels.interpreter_active():
+            pytest.skip("Triton's interpreter is not active")
+        original = O.LearnedOptimizer._step_torch
+
+        def kernels_only(self, params, *args):  # every tensor must go through the kernels
+            assert not params, [tuple(p.shape) for p in params]
+            original(self, params, *args)
+
+        monkeypatch.setattr(O.LearnedOptimizer, "_step_torch", kernels_only)
     rule = load_rule(rule_name)
     start = [p.detach().clone() for p in small_model().parameters()]
     finals = {}
