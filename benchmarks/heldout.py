@@ -341,9 +341,11 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
 # ---- nn.Module tasks (the shipped optimizer path) -------------------------------------------------------
 
 
-def run_module(task: HT.ModuleTask, optimizer: str, value: Any, steps: int, eval_every: int, seed: int) -> tuple[list[float], float | None]:
+def run_module(task: HT.ModuleTask, optimizer: str, value: Any, steps: int, eval_every: int, seed: int,
+               state_dtype: torch.dtype = torch.float32) -> tuple[list[float], float | None]:
     """Eval-loss curve of one seed (every ``eval_every`` steps and at the end) and, for the rule, the lr it ran
-    at. The rule runs exactly as a user runs it: ``Bundle(model, rule).optimizer()``, no arguments."""
+    at. The rule runs exactly as a user runs it: ``Bundle(model, rule).optimizer()``, no arguments but
+    ``state_dtype`` (benchmarks/state_dtype.py)."""
     task.reset(seed)
     named = task.trainable()
     scheduler, rule_lr = None, None
@@ -354,7 +356,7 @@ def run_module(task: HT.ModuleTask, optimizer: str, value: Any, steps: int, eval
         to_muon = [roles[n] in MUON_ROLES and p.dim() == 2 for n, p in named]
         opt = MuonAdamW([p for (_, p), m in zip(named, to_muon) if m], [p for (_, p), m in zip(named, to_muon) if not m], value)
     else:
-        opt, scheduler = Bundle(task.model, value).optimizer()
+        opt, scheduler = Bundle(task.model, value).optimizer(state_dtype=state_dtype)
         rule_lr = float(opt.param_groups[0]["lr"])
     generator = torch.Generator().manual_seed(seed)
     curve = []
