@@ -209,3 +209,10 @@ def test_rounding_keeps_representable_values_exactly():
     out = torch.empty_like(value)
     O.round_to_state_(out, value.float(), seed=3)
     assert torch.equal(out, value)
+
+
+def test_trainer_factory_passes_state_dtype():
+    model = small_model()
+    factory, kwargs = Bundle(model, load_rule("default")).optimizer_factory(state_dtype=torch.bfloat16)
+    opt = factory()(model, **kwargs)
+    assert opt.state_dtype == torch.bfloat16
