@@ -69,7 +69,8 @@ def init_state(
 ) -> dict[str, torch.Tensor]:
     """Zero accumulators for a parameter of shape ``shape`` (optionally with leading ``batch_shape``).
 
-    Accumulators are fp32 in every real use; ``dtype`` exists so that tests can run the math in fp64.
+    The math runs on fp32 accumulators (`LearnedOptimizer` keeps bf16 ones in memory with ``state_dtype`` and
+    widens them for the step); ``dtype`` also lets tests run the math in fp64.
     """
     shape, batch_shape = tuple(shape), tuple(batch_shape)
     k, j = len(config.momentum_decays), len(config.factored_decays)

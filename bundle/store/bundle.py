@@ -428,7 +428,8 @@ class Bundle:
         """Write the bundle to ``save_directory`` atomically (old contents replaced only once all is written).
 
         ``save_state=False`` leaves the accumulators out (they are up to 4× the model's size in fp32);
-        ``state_dtype=torch.bfloat16`` stores them at half the size (they are read back into fp32).
+        ``state_dtype=torch.bfloat16`` stores them at half the size (they are read back into fp32; an optimizer
+        with bf16 state, ``optimizer(state_dtype=torch.bfloat16)``, gets bf16 state back exactly either way).
         As with ``PreTrainedModel.save_pretrained``: ``max_shard_size`` (``"5GB"``, bytes) shards the model's
         weights and the accumulators (``optimizer/state-00001-of-0000N.safetensors`` + ``state.safetensors.index.json``,
         all in the manifest); ``is_main_process=False`` writes nothing (call it on every rank); ``push_to_hub=True``
