@@ -1,8 +1,8 @@
 """`LearnedOptimizer`: a real `torch.optim.Optimizer` that applies a `LearnedRule` to parameters.
 
 One state layout for every back end: per parameter, fp32 (or, with ``state_dtype``, bf16) accumulators as
-described in `reference.py`, an int64 ``step`` and an int64 ``skipped_steps`` counter. State is created lazily at the first step, so
-FSDP-style parameter swapping after construction is fine.
+described in `reference.py`, an int64 ``step`` and an int64 ``skipped_steps`` counter. State is created lazily
+at the first step, so FSDP-style parameter swapping after construction is fine.
 
 Back ends, chosen per parameter group and device at every step (`select_backend`):
 
