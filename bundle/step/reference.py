@@ -370,17 +370,17 @@ def output_step(
     elif config.output == "normalized":
         raw = direction * torch.exp(magnitude * config.exp_mult)
         step = raw * torch.rsqrt(tensor_mean(raw * raw, batch_dims) + NORMALIZED_EPS) * config.step_mult
-    elif config.output == "adam_residual":
-        scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
-        step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+    elif config.output == "adam_residual":  # (step_mult · scale) first: the same product, one temporary fewer
+        scale = config.step_mult * torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+        step = scale * (adam_direction(config, state, batch_dims) + direction)
     elif config.output == "hybrid_residual":
         tensor_shape = shape[batch_dims:]
         if is_orthogonalized(config, role, tensor_shape):
             scale = torch.exp(config.magnitude_bound * torch.tanh(tensor_mean(magnitude, batch_dims)))
             step = config.step_mult * scale * orthogonal_direction(config, grad, state, direction, batch_dims)
         else:
-            scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
-            step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+            scale = config.step_mult * torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+            step = scale * (adam_direction(config, state, batch_dims) + direction)
         multiplier = step_multiplier(config, role, tensor_shape)
         if multiplier != 1.0:
             step = step * multiplier
