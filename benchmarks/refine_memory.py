@@ -112,12 +112,9 @@ def main() -> None:
         "|---|---:|",
         *[f"| {name} | {size:.2f} |" for name, size in terms],
         "",
-    ]
-    chunk = getattr(reference, "CHUNK_ELEMENTS", None)
-    if chunk:
-        lines += [f"Features and φ's hidden layer are computed in blocks of at most {chunk:,} elements "
-                  f"(`reference.CHUNK_ELEMENTS`, {chunk * 4 / 2**20:.0f} MiB), two passes per tensor.", ""]
-    lines += [
+        f"Features and φ's hidden layers are computed in row blocks of at most {reference.CHUNK_ELEMENTS:,} elements "
+        f"(`reference.CHUNK_ELEMENTS`, {reference.CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB), two passes per tensor.",
+        "",
     ]
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
