@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,21 +118,42 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling + rename (readers never see a partial file)."""
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary sibling of ``path``; it is fsynced and renamed over ``path`` (readers never
+    see a partial file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.close(fd)
         os.chmod(tmp, 0o644 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling + rename (readers never see a partial file)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """`atomic_write_bytes` of `save_safetensors_bytes` (the same file) without holding the file in memory:
+    safetensors writes the tensors' memory straight to disk, then the header is made canonical in place."""
+
+    def write(tmp: str) -> None:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            head = handle.read(8)
+            head += handle.read(int.from_bytes(head, "little"))
+            handle.seek(0)
+            handle.write(_canonical_safetensors_header(head))
+
+    _atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

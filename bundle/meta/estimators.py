@@ -63,7 +63,8 @@ def _unroll_truncation(
         if held_out and group.initial_loss is None:
             group.initial_loss = U.meta_losses(group, group.params)[: group.instances].clone()
         losses, group.params, group.accumulators = U.inner_step(
-            config, weights, group.task, group.params, group.accumulators, batch, group.scales or None, differentiable
+            config, weights, group.task, group.params, group.accumulators, batch, group.scales or None, differentiable,
+            consume=not differentiable,
         )
         if held_out:  # the objective is the loss on held-out data at the parameters after the step
             losses = U.meta_losses(group, group.params, differentiable)

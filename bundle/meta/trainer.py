@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..files import VERSION, atomic_write_bytes, atomic_write_json, load_safetensors_file, read_json_file, save_safetensors_bytes
+from ..files import VERSION, atomic_save_safetensors, atomic_write_json, load_safetensors_file, read_json_file
 from ..recipes import parse_config, parse_recipe, recipe_path
 from ..step.rule import RuleConfig
 from ..store.rule import LearnedRule, load_rule
@@ -378,12 +378,12 @@ class MetaTrainer:
         for group in self.groups:
             tensors.update({f"group{group.index}/{k}": v for k, v in U.group_tensors(group).items()})
             metadata.append(U.group_metadata(group))
-        atomic_write_bytes(directory / f"groups-rank{self.rank}.safetensors", save_safetensors_bytes(tensors))
+        atomic_save_safetensors(directory / f"groups-rank{self.rank}.safetensors", tensors)
         atomic_write_json(directory / f"groups-rank{self.rank}.json", metadata)
         if self.rank == 0:
             adamw = self.outer.state_dict()["state"].get(0, {})  # empty before the first step
             outer = {"theta": self.theta, **{f"adamw/{k}": v for k, v in adamw.items()}}
-            atomic_write_bytes(directory / "outer.safetensors", save_safetensors_bytes(outer))
+            atomic_save_safetensors(directory / "outer.safetensors", outer)
             atomic_write_json(
                 directory / "outer.json",
                 {

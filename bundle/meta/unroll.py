@@ -142,15 +142,21 @@ def inner_step(
     batch: T.Batch,
     scales: Mapping[str, torch.Tensor] | None = None,
     differentiable: bool = False,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """Loss, gradient and one learned step for every copy: returns ``(losses (C,), params', accumulators')``.
 
     The loss is evaluated at ``params`` (the trained variables θ; with ``scales`` the model sees ``θ·s``).
     Gradients are always detached before they reach the rule (first-order: no Hessian terms). With
     ``differentiable`` the returned losses and new parameters keep the graph to ``weights`` (TBPTT);
-    otherwise everything is computed without a meta-graph.
+    otherwise everything is computed without a meta-graph. With ``consume`` (no meta-graph only) each entry
+    of ``params`` and ``accumulators`` is removed from those dicts, and its gradient dropped, once its new
+    value exists: old and new copies of the whole model never coexist (the caller replaces both dicts).
     """
+    if consume and differentiable:
+        raise ValueError("inner_step: consume needs differentiable=False (TBPTT keeps the old parameters)")
     names = list(params)
+    roles = task_roles(task, params)
     with torch.enable_grad():
         if differentiable:
             leaves = [params[k] if params[k].requires_grad else params[k].detach().requires_grad_() for k in names]
@@ -159,19 +165,24 @@ def inner_step(
         variables = dict(zip(names, leaves))
         model_params = T.reparametrize(variables, scales, inverse=False) if scales is not None else variables
         losses = task.loss(model_params, batch)
-        grads = torch.autograd.grad(losses.sum(), leaves, retain_graph=differentiable)
+        grads = list(torch.autograd.grad(losses.sum(), leaves, retain_graph=differentiable))
+    if not differentiable:  # nothing may keep the old parameters alive but ``params`` itself
+        losses = losses.detach()
+        leaves = [leaf.detach() for leaf in leaves]
+        del variables, model_params
     new_params, new_accumulators = {}, {}
-    roles = task_roles(task, params)
     lr = task_lr(config, task)
     context = torch.enable_grad() if differentiable else torch.no_grad()
     with context:
-        for name, leaf, grad in zip(names, leaves, grads):
-            param = leaf if differentiable else leaf.detach()
+        for i, name in enumerate(names):
             new_params[name], new_accumulators[name] = reference.learned_update(
-                config, weights, param, grad.detach(), accumulators[name], batch_dims=1, role=roles[name],
+                config, weights, leaves[i], grads[i].detach(), accumulators[name], batch_dims=1, role=roles[name],
                 lr=lr * regime_lr_factor(config, roles[name], getattr(task, "regime", "scratch")),
             )
-    return (losses if differentiable else losses.detach()), new_params, new_accumulators
+            if consume:
+                leaves[i] = grads[i] = None
+                del params[name], accumulators[name]
+    return losses, new_params, new_accumulators
 
 
 def has_meta_split(task: Any) -> bool:

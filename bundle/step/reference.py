@@ -22,6 +22,7 @@ No bias correction except in ``adam_direction`` / the ``adam_residual`` output, 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -98,9 +99,10 @@ def update_accumulators(
     g = grad.unsqueeze(batch_dims)  # (*B, 1, *S) broadcasts against the stacked (*B, K, *S)
     beta_m = decay_view(config.momentum_decays, rank, grad)
     new = dict(state)
-    new["momentum"] = beta_m * state["momentum"] + (1 - beta_m) * g
+    # (a·x).add_(b) is a·x + b, with one temporary fewer (momenta of large tensors are large)
+    new["momentum"] = (beta_m * state["momentum"]).add_((1 - beta_m) * g)
     beta_v = config.second_moment_decay
-    new["second_moment"] = beta_v * state["second_moment"] + (1 - beta_v) * grad * grad
+    new["second_moment"] = (beta_v * state["second_moment"]).add_((1 - beta_v) * grad * grad)
     if not keeps_factored_state(config):
         return new
     g2 = g * g + config.factored_eps
@@ -189,24 +191,42 @@ def time_features(config: RuleConfig, step: torch.Tensor, dtype: torch.dtype = t
     return torch.tanh(step.to(dtype).unsqueeze(-1) / scales - 1.0)
 
 
+def _narrow_rows(x: torch.Tensor, dim: int, rows: tuple[int, int]) -> torch.Tensor:
+    """``x`` restricted to rows ``[start, stop)`` of ``dim``, unless it broadcasts (size 1) there."""
+    return x if x.shape[dim] == 1 else x.narrow(dim, rows[0], rows[1] - rows[0])
+
+
 def compute_features(
     config: RuleConfig,
     param: torch.Tensor,
     grad: torch.Tensor,
     state: dict[str, torch.Tensor],
     batch_dims: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Unnormalized non-time features, features-first: ``(*B, F, N)`` with ``N = numel(S)``.
 
     ``state`` holds the accumulators *after* this step's update, and ``state['step']`` counts this step.
     Column order follows ``config.features`` (each group expanded to its width), "time" excluded.
+    ``rows = (start, stop)``: only those rows of the tensor's first dim (``N`` = their coordinates); the
+    features are elementwise given the (whole-tensor) factored statistics, so blocks concatenate to the whole.
     """
     rank = param.dim() - batch_dims
+    factored = None
+    if rows is not None:
+        if rank >= 2 and any(name in FACTORED_FEATURES for name in config.features):
+            # Adafactor's factors read means over the whole tensor: computed before restricting to the rows
+            factored = tuple(_narrow_rows(x, batch_dims + 1, rows) for x in factored_statistics(config, state, rank))
+        param, grad = _narrow_rows(param, batch_dims, rows), _narrow_rows(grad, batch_dims, rows)
+        state = {
+            key: _narrow_rows(value, batch_dims + (key != "second_moment"), rows)
+            for key, value in state.items()
+            if key in ("momentum", "second_moment", "full_second_moment")
+        } | {"step": state["step"]}
     batch_shape = param.shape[:batch_dims]
     momentum, v = state["momentum"], state["second_moment"]
     rsqrt_v = torch.rsqrt(v + config.second_moment_eps)
     columns: list[torch.Tensor] = []  # each (*B, w, *S)
-    factored = None
     for name in config.features:
         if name == "time":
             continue
@@ -278,6 +298,57 @@ def apply_network(
     return hidden
 
 
+#: features ``(*B, F, ·)`` and φ's hidden layers ``(*B, H, ·)`` of a tensor are computed in blocks of rows of at most
+#: about this many elements (fp32: 16 MiB), so that a step needs no ``copies × features × parameters`` tensor
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_blocks(config: RuleConfig, param: torch.Tensor, batch_dims: int = 0) -> list[tuple[int, int]] | None:
+    """``[(start, stop), …]`` over the tensor's first dim such that a block's features and hidden layers hold at
+    most `CHUNK_ELEMENTS` elements (at least one row each), or ``None`` when the whole tensor fits in one."""
+    shape = param.shape[batch_dims:]
+    total = param.numel() * max(config.num_inputs, *config.hidden_sizes, config.num_outputs)
+    if not shape or total <= CHUNK_ELEMENTS:
+        return None
+    per_row = total // shape[0]
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+def network_output(
+    config: RuleConfig,
+    weights: Weights,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    time: torch.Tensor | None,
+    batch_dims: int = 0,
+) -> torch.Tensor:
+    """φ's output ``(*B, 2, N)`` on the normalized features of (``param``, ``grad``, ``state``).
+
+    A tensor whose features would exceed `CHUNK_ELEMENTS` is done in `row_blocks` with two passes: the
+    per-feature sums of squares first (the normalizers), then features → φ per block. The same math as one
+    pass up to the order of the fp32 sums.
+    """
+    blocks = row_blocks(config, param, batch_dims)
+    if blocks is None:
+        features = compute_features(config, param, grad, state, batch_dims)
+        return apply_network(config, weights, features, feature_normalizers(config, features), time)
+    squares = None
+    for rows in blocks:
+        features = compute_features(config, param, grad, state, batch_dims, rows)
+        block = (features * features).sum(dim=-1)
+        squares = block if squares is None else squares + block
+    normalizers = torch.rsqrt(config.normalization_eps + squares / math.prod(param.shape[batch_dims:]))
+    return torch.cat(
+        [
+            apply_network(config, weights, compute_features(config, param, grad, state, batch_dims, rows), normalizers, time)
+            for rows in blocks
+        ],
+        dim=-1,
+    )
+
+
 def output_step(
     config: RuleConfig,
     network_output: torch.Tensor,
@@ -300,17 +371,17 @@ def output_step(
     elif config.output == "normalized":
         raw = direction * torch.exp(magnitude * config.exp_mult)
         step = raw * torch.rsqrt(tensor_mean(raw * raw, batch_dims) + NORMALIZED_EPS) * config.step_mult
-    elif config.output == "adam_residual":
-        scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
-        step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+    elif config.output == "adam_residual":  # (step_mult · scale) first: the same product, one temporary fewer
+        scale = config.step_mult * torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+        step = scale * (adam_direction(config, state, batch_dims) + direction)
     elif config.output == "hybrid_residual":
         tensor_shape = shape[batch_dims:]
         if is_orthogonalized(config, role, tensor_shape):
             scale = torch.exp(config.magnitude_bound * torch.tanh(tensor_mean(magnitude, batch_dims)))
             step = config.step_mult * scale * orthogonal_direction(config, grad, state, direction, batch_dims)
         else:
-            scale = torch.exp(config.magnitude_bound * torch.tanh(magnitude))
-            step = config.step_mult * scale * (adam_direction(config, state, batch_dims) + direction)
+            scale = config.step_mult * torch.exp(config.magnitude_bound * torch.tanh(magnitude))
+            step = scale * (adam_direction(config, state, batch_dims) + direction)
         multiplier = step_multiplier(config, role, tensor_shape)
         if multiplier != 1.0:
             step = step * multiplier
@@ -343,10 +414,8 @@ def learned_update(
     time_step = state["step"]
     new_state = update_accumulators(config, grad, state, batch_dims)
     new_state["step"] = time_step + 1
-    features = compute_features(config, param, grad, new_state, batch_dims)
-    normalizers = feature_normalizers(config, features)
     time = time_features(config, time_step, param.dtype) if config.num_time_inputs else None
-    output = apply_network(config, weights, features, normalizers, time)
+    output = network_output(config, weights, param, grad, new_state, time, batch_dims)
     step = output_step(config, output, param, new_state, batch_dims, grad=grad, role=role)
     if config.schedule == "inverse_sqrt":  # the rule's own decay: lr · (1 + t/T)^-½, t = completed steps
         lr = lr * torch.rsqrt(1.0 + time_step.to(torch.float32) / config.schedule_steps)

@@ -196,6 +196,32 @@ def test_vectorized_copies_match_single_copy_runs():
             assert torch.allclose(p[k][0], stacked_params[k][c], atol=1e-6, rtol=1e-5)
 
 
+def test_consuming_inner_step_gives_the_same_step_and_empties_its_inputs():
+    """``consume=True`` (what the PES/ES unroll uses) frees the old parameters and accumulators as it goes:
+    same losses, parameters and accumulators as the pure step, and the input dicts end up empty."""
+    from optbundle import RuleConfig
+
+    rule_config = RuleConfig(**TINY["rule_config"])
+    theta = U.flatten_rule(LearnedRule(rule_config))
+    task = T.build_task(dict(family="mlp", dataset="digits8", hidden=[8], activation="relu", batch_size=16, input_scale=1.0, label_noise=0.0))
+    gen = torch.Generator().manual_seed(1)
+    params = task.init_params(gen, 2)
+    weights = U.unflatten_weights(rule_config, theta + 0.05 * torch.randn(2, theta.numel(), generator=gen))
+    state = {k: F.init_state(rule_config, v.shape[1:], batch_shape=(2,)) for k, v in params.items()}
+    batch = task.sample_batch(gen, 2)
+    losses, new_params, new_state = U.inner_step(rule_config, weights, task, params, state, batch)
+    given_params, given_state = dict(params), dict(state)
+    consumed = U.inner_step(rule_config, weights, task, given_params, given_state, batch, consume=True)
+    assert given_params == {} and given_state == {}
+    assert torch.equal(consumed[0], losses)
+    for k in params:
+        assert torch.equal(consumed[1][k], new_params[k])
+        for key in new_state[k]:
+            assert torch.equal(consumed[2][k][key], new_state[k][key])
+    with pytest.raises(ValueError, match="consume needs differentiable=False"):
+        U.inner_step(rule_config, weights, task, dict(params), dict(state), batch, differentiable=True, consume=True)
+
+
 def test_reparametrization_preserves_the_function():
     task = T.build_task(dict(family="mlp", dataset="digits8", hidden=[8], activation="tanh", batch_size=16, input_scale=1.0, label_noise=0.0))
     gen = torch.Generator().manual_seed(0)

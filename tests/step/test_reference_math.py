@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from optbundle import LearnedOptimizer, LearnedRule, RuleConfig
+from optbundle import LearnedOptimizer, LearnedRule, RuleConfig, load_rule
 from optbundle.step import reference as F
 from optbundle.step.rule import FEATURE_GROUPS, SMALL_FC_LOPT_FEATURES
 
@@ -227,3 +227,32 @@ def test_fp32_optimizer_agrees_with_fp64_reference():
         opt.step()
         p64, state = F.learned_update(config, weights, p64, g.double(), state, lr=2.0)
     torch.testing.assert_close(p32.detach().double() - 0, p64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (6, 3, 4), (7, 1)], ids=str)
+@pytest.mark.parametrize("name", [*CONFIGS, "default"])
+def test_row_blocks_give_the_one_pass_step(monkeypatch, shape, name):
+    """Features and φ in blocks of rows (two passes: normalizers, then φ) = the whole tensor at once, for
+    copies stacked in front with one φ per copy."""
+    torch.manual_seed(2)
+    config = RuleConfig(**CONFIGS[name]) if name in CONFIGS else load_rule("default").config
+    copies = 3
+    rule = LearnedRule(config).double()
+    weights = [(w.detach().expand(copies, *w.shape) + 0.1 * torch.randn(copies, *w.shape, dtype=torch.float64),
+                b.detach().expand(copies, *b.shape) + 0.1 * torch.randn(copies, *b.shape, dtype=torch.float64))
+               for w, b in rule.weights]
+    p = torch.randn(copies, *shape, dtype=torch.float64)
+    state = F.init_state(config, shape, batch_shape=(copies,), dtype=torch.float64)
+    chunked_p, chunked_state = p, state
+    for step in range(3):
+        g = torch.randn(copies, *shape, dtype=torch.float64)
+        p, state = F.learned_update(config, weights, p, g, state, lr=0.5, batch_dims=1)
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "CHUNK_ELEMENTS", 1)  # one row per block
+            assert F.row_blocks(config, chunked_p, 1) == [(r, r + 1) for r in range(shape[0])]
+            chunked_p, chunked_state = F.learned_update(
+                config, weights, chunked_p, g, chunked_state, lr=0.5, batch_dims=1)
+        torch.testing.assert_close(chunked_p, p, rtol=1e-12, atol=1e-14)
+        for key in state:
+            torch.testing.assert_close(chunked_state[key], state[key], rtol=0, atol=0)
+    assert F.row_blocks(config, p, 1) is None  # small tensors: one pass, as before
