@@ -24,7 +24,7 @@ Bytes: the memory a step *must* move with its state layout (AdamW: read p, g, m,
 learned: read p, g, K momenta, v (and full accumulators for rank < 2) and write them back, plus the small
 row/column statistics), divided by the step time, against the device's measured copy bandwidth (a large
 ``copy_``, counted as read + write). The learned step's passes read some of it twice (see
-kernels/learned_step.py and bundle/fast_step.py), so "achieved" is the useful bandwidth, not the bus load.
+kernels/learned_step.py and bundle/step/fast_step.py), so "achieved" is the useful bandwidth, not the bus load.
 State bytes per parameter come from the optimizers' actual state tensors.
 """
 

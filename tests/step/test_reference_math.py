@@ -1,7 +1,7 @@
 """The torch reference of the learned step against an independent, plainly written implementation.
 
 The plain version below loops over coordinates with Python floats (float64), writing each formula of the
-README's "The learned step" and of `optbundle.features`' docstring directly: no broadcasting, no folding of the
+README's "The learned step" and of `optbundle.step.reference`' docstring directly: no broadcasting, no folding of the
 normalization into φ, no shared helpers.
 """
 
