@@ -207,6 +207,16 @@ DEV = [
         300, 100, 10,
     ),
     HeldOutTask(
+        "dev-mnist8-mlp-1024-gelu", "width 1024 (2x the widest trained) on a meta-training dataset",
+        dict(family="mlp", dataset="mnist8", hidden=[1024], activation="gelu", batch_size=64, input_scale=1.0, label_noise=0.0),
+        400, 150, 10,
+    ),
+    HeldOutTask(
+        "dev-digits8-mlp-48x4-relu", "narrow and deep (4 x 48) on a meta-training dataset",
+        dict(family="mlp", dataset="digits8", hidden=[48, 48, 48, 48], activation="relu", batch_size=32, input_scale=1.0, label_noise=0.0),
+        400, 150, 10,
+    ),
+    HeldOutTask(
         "dev-minilm-top-amazon", "MiniLM-L6 top layer + pooler + head, VADER Amazon reviews (> 0)",
         None, 40, 16, 4, lrs=list(FULL_FT_LRS), module="minilm-top-amazon", kind="finetune",
     ),

@@ -69,6 +69,8 @@ def unsupported_reason(config: RuleConfig) -> str | None:
         return f"output {config.output!r}"
     if config.param_scale:
         return "param_scale"
+    if config.lr_adaptation != "none":
+        return f"lr_adaptation {config.lr_adaptation!r}"
     if _FAILED:
         return f"compilation failed ({_FAILED[0]})"
     return None

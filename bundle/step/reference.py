@@ -81,6 +81,8 @@ def init_state(
         "momentum": torch.zeros((*batch_shape, k, *shape), **f32),
         "second_moment": torch.zeros((*batch_shape, *shape), **f32),
     }
+    if config.lr_adaptation != "none":
+        state["lr_log_scale"] = torch.zeros(batch_shape, **f32)
     if not keeps_factored_state(config):
         return state
     if is_factored(shape):
@@ -183,6 +185,22 @@ def orthogonal_direction(
     matrix = x.reshape(*shape[: batch_dims + 1], -1)
     o = newton_schulz(matrix, config).reshape(shape)
     return config.matrix_rms * o * torch.rsqrt(tensor_mean(o * o, batch_dims) + RMS_EPS)
+
+
+def adapted_lr_log_scale(
+    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], batch_dims: int = 0
+) -> torch.Tensor:
+    """The tensor's new log lr multiplier (``lr_adaptation: gradient_alignment``), shape ``(*B,)``.
+
+    ``clip(log s + rate · sign(Σ g·m), log lo, log hi)`` with ``m`` the momentum
+    ``lr_adaptation_momentum_index`` *before* this step's update (``state`` holds it). A zero momentum (the
+    first step) or gradient leaves ``s`` unchanged.
+    """
+    momentum = state["momentum"].select(batch_dims, config.lr_adaptation_momentum_index)
+    alignment = (grad * momentum).sum(dim=tuple(range(batch_dims, grad.dim()))) if grad.dim() > batch_dims else grad * momentum
+    lo, hi = config.lr_adaptation_bounds
+    log_scale = state["lr_log_scale"] + config.lr_adaptation_rate * torch.sign(alignment)
+    return log_scale.clamp(math.log(lo), math.log(hi))
 
 
 def time_features(config: RuleConfig, step: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -414,6 +432,9 @@ def learned_update(
     time_step = state["step"]
     new_state = update_accumulators(config, grad, state, batch_dims)
     new_state["step"] = time_step + 1
+    if config.lr_adaptation != "none":
+        new_state["lr_log_scale"] = adapted_lr_log_scale(config, grad, state, batch_dims)
+        lr = lr * torch.exp(new_state["lr_log_scale"])
     time = time_features(config, time_step, param.dtype) if config.num_time_inputs else None
     output = network_output(config, weights, param, grad, new_state, time, batch_dims)
     step = output_step(config, output, param, new_state, batch_dims, grad=grad, role=role)

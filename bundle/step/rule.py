@@ -70,7 +70,16 @@ MAX_BASE_FAN_IN = 2**31
 #: Values the fields added in rule format 2 take for a format-1 rule (which behaves exactly as before).
 #: Fields added to format 2 after rules of it were published: a JSON without them gets these values, and a
 #: config equal to them serializes without them (so earlier rules keep their bytes and content hash).
-LATE_DEFAULTS: dict[str, Any] = {"finetune_head_lr": "finetune", "schedule_steps": 1000.0}
+LATE_DEFAULTS: dict[str, Any] = {
+    "finetune_head_lr": "finetune",
+    "schedule_steps": 1000.0,
+    "lr_adaptation": "none",
+    "lr_adaptation_rate": 0.03,
+    "lr_adaptation_bounds": [0.01, 10.0],
+    "lr_adaptation_momentum_index": 1,
+}
+#: ``lr_adaptation`` values: "none", or "gradient_alignment" (per-tensor lr multiplier, see `RuleConfig`)
+LR_ADAPTATIONS = ("none", "gradient_alignment")
 #: ``finetune_head_lr`` values: the lr that role-"head" tensors train at in the "finetune" regime
 FINETUNE_HEAD_LRS = ("finetune", "scratch")
 V1_DEFAULTS: dict[str, Any] = {
@@ -119,6 +128,14 @@ class RuleConfig:
     (`roles.regime_lr_factor`). Pretrained output layers that should keep the fine-tuning lr are overridden to
     another role (``Bundle(roles=...)``); tied LM heads are embeddings and are not affected.
 
+    ``lr_adaptation`` "gradient_alignment" (format 2): each tensor keeps an lr multiplier ``s`` (state
+    ``lr_log_scale`` = log s, starting at 0) that follows the sign of the alignment between the new gradient
+    and the momentum ``lr_adaptation_momentum_index`` before this step's update:
+    ``log s ← clip(log s + lr_adaptation_rate · sign(Σ g·m), log lo, log hi)`` with
+    ``[lo, hi] = lr_adaptation_bounds``, and the tensor steps at ``lr · s``. Gradients that keep agreeing with
+    the recent direction mean the steps are too short; disagreeing ones mean they overshoot: a sign-based
+    hypergradient on the tensor's lr, so one shipped lr serves tasks whose best lr differs by 10×+.
+
     With ``param_scale`` the step is further multiplied by ``max(RMS(p), param_scale_min)`` (VeLO/Celo-style
     relative updates). Weight decay is decoupled and scaled by ``step_mult``, so ``weight_decay`` means what it
     means for AdamW at learning rate ``step_mult``.
@@ -158,6 +175,10 @@ class RuleConfig:
     width_scaling: str = "none"
     base_fan_in: int = 128
     finetune_head_lr: str = "finetune"
+    lr_adaptation: str = "none"
+    lr_adaptation_rate: float = 0.03
+    lr_adaptation_bounds: list[float] = field(default_factory=lambda: list(LATE_DEFAULTS["lr_adaptation_bounds"]))
+    lr_adaptation_momentum_index: int = 1
     format_version: int = RULE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -302,6 +323,21 @@ class RuleConfig:
         check_choice("finetune_head_lr", FINETUNE_HEAD_LRS)
         if self.format_version == 1 and self.finetune_head_lr != LATE_DEFAULTS["finetune_head_lr"]:
             raise bad("finetune_head_lr", "needs format_version 2 (set it)")
+        check_choice("lr_adaptation", LR_ADAPTATIONS)
+        if self.lr_adaptation != "none" and self.output != "hybrid_residual":
+            raise bad("lr_adaptation", f"{self.lr_adaptation!r} needs the 'hybrid_residual' output (format 2); use 'none'")
+        if not _is_number(self.lr_adaptation_rate) or not 0 <= self.lr_adaptation_rate <= 1:
+            raise bad("lr_adaptation_rate", f"must be a number in [0, 1] (change of log lr per step), got {short_repr(self.lr_adaptation_rate)}")
+        bounds = self.lr_adaptation_bounds
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(_is_number(b) and 0 < b <= MAX_MULTIPLIER for b in bounds)
+            or not bounds[0] <= 1 <= bounds[1]
+        ):
+            raise bad("lr_adaptation_bounds", f"must be [lo, hi] with 0 < lo ≤ 1 ≤ hi ≤ {MAX_MULTIPLIER:g}, got {short_repr(bounds)}")
+        if self.lr_adaptation != "none":
+            check_momentum_index("lr_adaptation_momentum_index")
 
     # ---- (de)serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
