@@ -69,8 +69,6 @@ def unsupported_reason(config: RuleConfig) -> str | None:
         return f"output {config.output!r}"
     if config.param_scale:
         return "param_scale"
-    if config.lr_adaptation != "none":
-        return f"lr_adaptation {config.lr_adaptation!r}"
     if _FAILED:
         return f"compilation failed ({_FAILED[0]})"
     return None
@@ -320,12 +318,18 @@ def fused_step_(
     """
     flat_weights = [t for layer in weights for t in layer]
     rest: list[torch.Tensor] = []
+    adaptive = config.lr_adaptation != "none"
+    log_scales: dict[int, torch.Tensor] = {}
     matrices: dict[tuple[int, int], list] = {}  # (rows, cols) → [(param, hyper, args, tail)]
     for param, state, role in zip(params, states, roles):
         shape = tuple(param.shape)
         spec = _Spec(config, config.output == "hybrid_residual" and is_orthogonalized(config, role, shape))
         multiplier = step_multiplier(config, role, shape) if config.output == "hybrid_residual" else 1.0
-        hyper = torch.tensor([lr * regime_lr_factor(config, role, regime), weight_decay, multiplier])
+        tensor_lr = lr * regime_lr_factor(config, role, regime)
+        if adaptive:  # the new lr multiplier reads the momentum before this step; kept only if the step is taken
+            log_scales[id(param)] = reference.adapted_lr_log_scale(config, param.grad, state)
+            tensor_lr *= math.exp(float(log_scales[id(param)]))
+        hyper = torch.tensor([tensor_lr, weight_decay, multiplier])
         momenta = _flat(state["momentum"], state["momentum"].shape[0], -1)
         args = (_flat(param, -1), _flat(param.grad, -1), _flat(state["second_moment"], -1), state["step"], hyper)
         tail = (*(m.detach() for m in momenta.unbind(0)), *flat_weights)
@@ -333,20 +337,24 @@ def fused_step_(
             info = _call("step", spec, *args, _UNUSED, *tail)
             if info is None or info[0].item() != 1.0:
                 rest.append(param)
+            elif adaptive:
+                state["lr_log_scale"].copy_(log_scales[id(param)])
             continue
         rows = param.shape[0]
         group = matrices.setdefault((rows, param.numel() // rows), [])
-        group.append((param, hyper, args, tail))
+        group.append((param, hyper, args, tail, state))
     for (rows, cols), group in matrices.items():
         batch = torch.empty((len(group), rows, cols))
         done = []
-        for index, (param, hyper, args, tail) in enumerate(group):
+        for index, (param, hyper, args, tail, state) in enumerate(group):
             spec = _Spec(config, True)
             info = _call("step", spec, *args, _flat(batch[index], -1), *tail)
             if info is None or info[0].item() != 1.0:
                 rest.append(param)
             else:
                 done.append((index, param, hyper, info[1:]))
+                if adaptive:
+                    state["lr_log_scale"].copy_(log_scales[id(param)])
         if not done:
             continue
         start = time.perf_counter()

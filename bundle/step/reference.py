@@ -197,7 +197,10 @@ def adapted_lr_log_scale(
     first step) or gradient leaves ``s`` unchanged.
     """
     momentum = state["momentum"].select(batch_dims, config.lr_adaptation_momentum_index)
-    alignment = (grad * momentum).sum(dim=tuple(range(batch_dims, grad.dim()))) if grad.dim() > batch_dims else grad * momentum
+    if batch_dims == 0:  # one tensor (the optimizer's back ends): a dot product, no temporary
+        alignment = torch.dot(grad.reshape(-1).to(momentum.dtype), momentum.reshape(-1))
+    else:
+        alignment = (grad * momentum).sum(dim=tuple(range(batch_dims, grad.dim()))) if grad.dim() > batch_dims else grad * momentum
     lo, hi = config.lr_adaptation_bounds
     log_scale = state["lr_log_scale"] + config.lr_adaptation_rate * torch.sign(alignment)
     return log_scale.clamp(math.log(lo), math.log(hi))

@@ -60,10 +60,10 @@ def _reference(config, weights, param, grad, state, lr, weight_decay, role, dtyp
     return new
 
 
-def run_parity(shapes, regime, steps, lr=None, weight_decay=0.1, seed=0):
+def run_parity(shapes, regime, steps, lr=None, weight_decay=0.1, seed=0, rule=None):
     """Step with the fused back end; after every step compare each tensor with the reference from identical
     inputs (fp32 and fp64), continue from the fused results. Returns the optimizer."""
-    rule = load_rule("default")
+    rule = rule or load_rule("default")
     config = rule.config
     weights = [(w.detach().float(), b.detach().float()) for w, b in rule.weights]
     generator = torch.Generator().manual_seed(seed)

@@ -126,3 +126,22 @@ def test_optimizer_state_resumes_bit_identically_and_counts_bytes():
     plain = LearnedOptimizer(model.named_parameters(), LearnedRule(RuleConfig(**HYBRID)))
     with pytest.raises(Exception, match="another config"):
         plain.load_state_dict(saved)
+
+
+def test_fused_back_end_adapts_like_the_reference(monkeypatch):
+    """The fused CPU back end computes the same multipliers and steps as the reference (every role, conv and
+    1×n matrices), and a handed-back tensor is adapted once, by the reference."""
+    import dataclasses
+
+    from optbundle.step import fused_step
+    from optbundle.step import optimizer as O
+    from test_fused_step import SHAPES, run_parity
+
+    monkeypatch.setattr(fused_step, "COMPILE", False)
+    monkeypatch.setenv(O.BACKEND_ENV, "fused")
+    base = load_rule("default")
+    rule = LearnedRule(dataclasses.replace(base.config, **ADAPTIVE), base.provenance)
+    rule.load_state_dict(base.state_dict())
+    opt, params = run_parity(SHAPES, "scratch", steps=12, rule=rule)
+    scales = [float(opt.state[p]["lr_log_scale"]) for p in params]
+    assert len({round(s, 4) for s in scales}) > 2  # tensors adapted differently
