@@ -55,6 +55,8 @@ SETTINGS = {
 
 
 _ROLES = {"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0}
+_V4 = {k: v for k, v in SETTINGS["default-v4"].items() if k != "parent"}
+_GA = {k: v for k, v in SETTINGS["default-v5"].items() if k.startswith("lr_adaptation")}
 #: what was tried on the dev suite before default-v4 (``--variants DIR`` writes them as rule folders for
 #: ``heldout.py --suite dev --rule DIR/NAME``); "zero-" variants zero φ (the Muon + Adam start of meta-training)
 VARIANTS = {
@@ -83,6 +85,14 @@ VARIANTS = {
                         finetune_head_lr="scratch"),
     "sched-ft5e-3": dict(recommended_lr={"scratch": 3e-2, "finetune": 5e-3}, role_lr={**_ROLES, "adapter": 1.0},
                          finetune_head_lr="scratch", schedule="inverse_sqrt", schedule_steps=30.0),
+    # §7: default-v4's settings, diagnosed (zero φ) and with the per-tensor lr adaptation (gradient_alignment)
+    "zero-v4": dict(_V4),
+    "zero-v4-constant3e-3": {**_V4, "schedule": "constant", "recommended_lr": {"scratch": 3e-3, "finetune": 5e-3}},
+    "v4-ga-rate0.03": {**_V4, **_GA},  # = default-v5
+    "v4-ga-rate0.015": {**_V4, **_GA, "lr_adaptation_rate": 0.015},
+    "v4-ga-constant": {**_V4, **_GA, "schedule": "constant"},
+    "v4-ga-scratch5e-2": {**_V4, **_GA, "recommended_lr": {"scratch": 5e-2, "finetune": 5e-3}},
+    "v4-ga-T100": {**_V4, **_GA, "schedule_steps": 100.0},
 }
 
 

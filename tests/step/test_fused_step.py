@@ -87,7 +87,8 @@ def run_parity(shapes, regime, steps, lr=None, weight_decay=0.1, seed=0, rule=No
             err = (p.detach().double() - ref64).abs().max().item()
             err32 = (ref32.double() - ref64).abs().max().item()
             step64 = (ref64 - old.double()).abs().max().item()
-            assert err <= 2 * err32 + 1e-5 * step64, f"{tuple(p.shape)} {role} step {step}: {err:.3e} vs {err32:.3e}"
+            ulp = torch.finfo(torch.float32).eps * old.abs().max().item()  # one fp32 rounding of the largest entry
+            assert err <= 2 * err32 + 1e-5 * step64 + ulp, f"{tuple(p.shape)} {role} step {step}: {err:.3e} vs {err32:.3e}"
             assert int(opt.state[p]["step"]) == step + 1
             assert int(opt.state[p]["skipped_steps"]) == 0
         moved = [m | (p.detach() != old) for m, p, old in zip(moved, params, before)]

@@ -100,8 +100,10 @@ def test_default_rule_state_is_8_bytes_per_parameter_in_bf16(one_thread):
         model, opt = make(rule, dtype)
         train(model, opt, range(1))
         accumulators, counters, numel = state_bytes(opt)
-        assert accumulators == expected * numel
-        assert counters == 16 * len(list(model.parameters()))  # step + skipped_steps, int64, per tensor
+        tensors = len(list(model.parameters()))
+        # + the per-tensor lr multiplier (lr_log_scale, one number per tensor in the state dtype)
+        assert accumulators == expected * numel + tensors * (expected // 4)
+        assert counters == 16 * tensors  # step + skipped_steps, int64, per tensor
 
 
 def saved_and_loaded(opt: LearnedOptimizer) -> dict:
