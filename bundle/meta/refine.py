@@ -47,19 +47,19 @@ from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
 from ..store.bundle import Bundle
 from ..store.rule import LearnedRule
-from .trainer import ESTIMATORS, MetaTrainConfig, MetaTrainer
+from .trainer import ESTIMATORS, EstimatorConfig, MetaTrainConfig, MetaTrainer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RefineConfig:
-    """Settings of one refinement run (every field is a keyword of `Bundle.refine` and a recipe key)."""
+class RefineConfig(EstimatorConfig):
+    """Settings of one refinement run (every field is a keyword of `Bundle.refine` and a recipe key; the
+    estimator's fields come from `EstimatorConfig`, shared with `MetaTrainConfig`)."""
 
     #: lr multiplier the rule is refined (and shipped) at; folded into the refined rule's step_mult
     lr: float = 1.0
     meta_steps: int = 40
-    estimator: str = "pes"
     #: inner steps per truncation (short: cost control for big models)
     truncation: int = 8
     #: fine-tuning episode length range [lo, hi] (log-uniform)
@@ -67,9 +67,7 @@ class RefineConfig:
     #: antithetic pairs per group (each pair = 2 model copies unrolled together)
     pairs: int = 2
     task_groups: int = 1
-    sigma: float = 0.01
     outer_lr: float = 3e-3
-    gradient_clip: float = 3.0
     #: part of φ that adapts: all | last_layer | first_layer | output_scale
     trainable: str = "last_layer"
     #: probability that an episode continues from where the previous one ended
@@ -397,13 +395,13 @@ def with_lr_folded(rule: LearnedRule, lr: float) -> LearnedRule:
 
 
 def _meta_config(cfg: RefineConfig, parent_hash: str):
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EstimatorConfig)}
     return MetaTrainConfig(
-        name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", estimator=cfg.estimator, sigma=cfg.sigma,
-        truncation=cfg.truncation, episode_length=tuple(cfg.episode_length), task_groups=cfg.task_groups,
-        instances_per_group=cfg.pairs, tasks=[], reparam_range=None, meta_loss={}, outer_lr=cfg.outer_lr,
-        gradient_clip=cfg.gradient_clip, trainable=cfg.trainable, restart_prob=cfg.restart_prob,
-        meta_steps=cfg.meta_steps, checkpoint_every=cfg.checkpoint_every, out_dir=cfg.out_dir, threads=cfg.threads,
-        max_wall_time_s=cfg.max_wall_time_s, progress=cfg.progress,
+        **shared, name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", truncation=cfg.truncation,
+        episode_length=tuple(cfg.episode_length), task_groups=cfg.task_groups, instances_per_group=cfg.pairs,
+        tasks=[], reparam_range=None, meta_loss={}, outer_lr=cfg.outer_lr, trainable=cfg.trainable,
+        restart_prob=cfg.restart_prob, meta_steps=cfg.meta_steps, checkpoint_every=cfg.checkpoint_every,
+        out_dir=cfg.out_dir, threads=cfg.threads, max_wall_time_s=cfg.max_wall_time_s, progress=cfg.progress,
     )
 
 

@@ -42,8 +42,22 @@ ESTIMATORS = ("pes", "es", "tbptt")
 
 
 @dataclass
-class MetaTrainConfig:
-    """A meta-training run. Loadable from a YAML recipe (`load_recipe`); every field has a YAML key."""
+class EstimatorConfig:
+    """The meta-gradient settings `MetaTrainConfig` and `RefineConfig` (meta/refine.py) share, with the same
+    meaning, YAML key and default in both."""
+
+    #: meta-gradient estimator, one of `ESTIMATORS` (see `estimators.py`)
+    estimator: str = "pes"
+    #: std of the antithetic perturbations of θ (PES / ES)
+    sigma: float = 0.01
+    #: element-wise clip of the meta-gradient before the outer AdamW step
+    gradient_clip: float = 3.0
+
+
+@dataclass
+class MetaTrainConfig(EstimatorConfig):
+    """A meta-training run. Loadable from a YAML recipe (`load_recipe`); every field has a YAML key (the
+    estimator's fields come from `EstimatorConfig`)."""
 
     name: str = "meta-train"
     seed: int = 0
@@ -53,8 +67,6 @@ class MetaTrainConfig:
     rule_config: dict[str, Any] = field(default_factory=dict)
     #: zero the output layer of a scratch rule (an ``adam_residual`` rule then starts as exactly Adam)
     zero_init_last_layer: bool = True
-    estimator: str = "pes"
-    sigma: float = 0.01
     truncation: int = 20
     episode_length: tuple[int, int] = (100, 1000)
     task_groups: int = 4
@@ -66,7 +78,6 @@ class MetaTrainConfig:
     outer_lr: float = 1e-3
     outer_betas: tuple[float, float] = (0.9, 0.999)
     outer_weight_decay: float = 0.0
-    gradient_clip: float = 3.0
     #: which part of φ trains: "all", "last_layer", "first_layer", "output_scale" or a list of φ tensor names
     trainable: Any = "all"
     #: fixed tasks only: probability that a new episode continues from where the last one ended

@@ -43,6 +43,8 @@ from .vocabulary import (
 )
 
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor]]
+#: one parameter tensor's accumulators and step count, as listed above
+State = dict[str, torch.Tensor]
 
 
 # ---- shapes -------------------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ def init_state(
     batch_shape: Sequence[int] = (),
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
+) -> State:
     """Zero accumulators for a parameter of shape ``shape`` (optionally with leading ``batch_shape``).
 
     The math runs on fp32 accumulators (`LearnedOptimizer` keeps bf16 ones in memory with ``state_dtype`` and
@@ -93,9 +95,7 @@ def init_state(
     return state
 
 
-def update_accumulators(
-    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], batch_dims: int = 0
-) -> dict[str, torch.Tensor]:
+def update_accumulators(config: RuleConfig, grad: torch.Tensor, state: State, batch_dims: int = 0) -> State:
     """One EMA step of every accumulator with gradient ``grad`` (fp32); ``step`` is left to the caller."""
     rank = grad.dim() - batch_dims
     g = grad.unsqueeze(batch_dims)  # (*B, 1, *S) broadcasts against the stacked (*B, K, *S)
@@ -119,7 +119,7 @@ def update_accumulators(
 
 
 def factored_statistics(
-    config: RuleConfig, state: dict[str, torch.Tensor], rank: int
+    config: RuleConfig, state: State, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row/column second moments broadcast to ``(*B, J, *S)`` and Adafactor's row/column factors.
 
@@ -139,7 +139,7 @@ def factored_statistics(
     return full, full, torch.rsqrt(full), torch.ones_like(full)
 
 
-def adam_direction(config: RuleConfig, state: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+def adam_direction(config: RuleConfig, state: State, batch_dims: int = 0) -> torch.Tensor:
     """Adam's update direction ``m̂/(√v̂ + adam_eps)`` from the (already updated) accumulators.
 
     ``m̂ = m_i/(1 − β_i^t)`` with ``i = adam_momentum_index`` and ``v̂ = v/(1 − β_v^t)``, ``t = state['step']``
@@ -169,7 +169,7 @@ def newton_schulz(x: torch.Tensor, config: RuleConfig) -> torch.Tensor:
 
 
 def orthogonal_direction(
-    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], residual: torch.Tensor, batch_dims: int
+    config: RuleConfig, grad: torch.Tensor, state: State, residual: torch.Tensor, batch_dims: int
 ) -> torch.Tensor:
     """``matrix_rms · o / RMS(o)``, ``o = NewtonSchulz(m̃/RMS(m̃) + residual)`` over ``fan_out × fan_in``.
 
@@ -218,11 +218,7 @@ def _narrow_rows(x: torch.Tensor, dim: int, rows: tuple[int, int]) -> torch.Tens
 
 
 def compute_features(
-    config: RuleConfig,
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    batch_dims: int = 0,
+    config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: State, batch_dims: int = 0,
     rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Unnormalized non-time features, features-first: ``(*B, F, N)`` with ``N = numel(S)``.
@@ -341,7 +337,7 @@ def network_output(
     weights: Weights,
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: dict[str, torch.Tensor],
+    state: State,
     time: torch.Tensor | None,
     batch_dims: int = 0,
 ) -> torch.Tensor:
@@ -371,13 +367,8 @@ def network_output(
 
 
 def output_step(
-    config: RuleConfig,
-    network_output: torch.Tensor,
-    param: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    batch_dims: int = 0,
-    grad: torch.Tensor | None = None,
-    role: str | None = None,
+    config: RuleConfig, network_output: torch.Tensor, param: torch.Tensor, state: State, batch_dims: int = 0,
+    grad: torch.Tensor | None = None, role: str | None = None,
 ) -> torch.Tensor:
     """Turn φ's output ``(*B, 2, N)`` into the step ``u`` of the param's shape (before ``lr``).
 
@@ -419,12 +410,12 @@ def learned_update(
     weights: Weights,
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: dict[str, torch.Tensor],
+    state: State,
     lr: float | torch.Tensor = 1.0,
     weight_decay: float | torch.Tensor = 0.0,
     batch_dims: int = 0,
     role: str | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, State]:
     """One learned step of one parameter tensor (fp32 in, fp32 out).
 
     ``p' = p · (1 − lr · step_mult · weight_decay) − lr · u(features(p, g, state'), φ)`` where ``state'`` is

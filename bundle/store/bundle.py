@@ -40,28 +40,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import (
-    MANIFEST_NAME,
-    OPTIMIZER_DIR,
-    STATE_JSON_NAME,
-    STATE_TENSORS_NAME,
-    BundleError,
-    ChecksumError,
-    CorruptFileError,
-    FormatVersionError,
-    MissingFileError,
-    ModelLoadError,
-    StateMismatchError,
-    atomic_directory,
-    atomic_write_json,
-    check_relative_path,
-    load_safetensors_file,
-    read_json_file,
-    read_manifest,
-    read_safetensors_header,
-    save_safetensors_bytes,
-    short_repr,
-    verify_manifest,
-    write_card_and_manifest,
+    MANIFEST_NAME, OPTIMIZER_DIR, STATE_JSON_NAME, STATE_TENSORS_NAME, BundleError, ChecksumError, CorruptFileError,
+    FormatVersionError, MissingFileError, ModelLoadError, StateMismatchError, atomic_directory, atomic_write_json,
+    check_relative_path, load_safetensors_file, read_json_file, read_manifest, read_safetensors_header,
+    save_safetensors_bytes, short_repr, verify_manifest, write_card_and_manifest,
 )
 from ..step.optimizer import DEFAULT_RULE_NAME, LearnedOptimizer, check_state_layout, constant_schedule
 from ..step.roles import assign_roles
@@ -281,17 +263,12 @@ class Bundle:
         Without ``args`` or ``lr_scheduler_type`` the scheduler is constant (the rule's lr as given); passing
         ``(optimizer, None)`` yourself lets Trainer apply its schedule (linear decay to 0 by default).
         """
-        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
+        from .trainer import build_schedule, keep_loss_scaling as _keep_loss_scaling, lr_and_weight_decay  # imports transformers
 
-        if args is not None:
-            if lr is None and lr_is_learning_rate(self.rule):
-                lr = float(args.learning_rate)
-            if weight_decay is None:
-                weight_decay = float(args.weight_decay)
+        lr, decay = lr_and_weight_decay(self.rule, lr, weight_decay, args)
         if keep_loss_scaling:
             _keep_loss_scaling(self.model)
-        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=weight_decay or 0.0, regime=regime,
-                                         state_dtype=state_dtype)
+        optimizer = self.build_optimizer(self.model, lr=lr, weight_decay=decay, regime=regime, state_dtype=state_dtype)
         if lr_scheduler_type is not None:
             schedule = build_schedule(
                 optimizer, lr_scheduler_type, num_training_steps=num_training_steps,
@@ -335,13 +312,8 @@ class Bundle:
         return optimizer
 
     def optimizer_factory(
-        self,
-        lr: float | None = None,
-        *,
-        weight_decay: float | None = None,
-        regime: str | None = None,
-        keep_loss_scaling: bool = True,
-        state_dtype: torch.dtype = torch.float32,
+        self, lr: float | None = None, *, weight_decay: float | None = None, regime: str | None = None,
+        keep_loss_scaling: bool = True, state_dtype: torch.dtype = torch.float32,
     ) -> tuple[Any, dict[str, Any]]:
         """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
@@ -355,25 +327,15 @@ class Bundle:
 
         class LearnedOptimizerFactory:
             def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
-                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_is_learning_rate  # imports transformers
+                from .trainer import find_trainer, keep_loss_scaling as _keep_loss_scaling, lr_and_weight_decay  # imports transformers
 
                 chosen = {"lr": lr, "weight_decay": weight_decay, "regime": regime, "state_dtype": state_dtype, **kwargs}
                 trainer = find_trainer()
-                if trainer is not None:
-                    if chosen["lr"] is None:
-                        if lr_is_learning_rate(bundle.rule):
-                            chosen["lr"] = float(trainer.args.learning_rate)
-                        else:
-                            logger.info(
-                                "format-1 rule: its lr is a multiplier, so Trainer's learning_rate=%g is not used "
-                                "(the rule's recommended multiplier is; Trainer's schedule still shapes it)",
-                                trainer.args.learning_rate,
-                            )
-                    if chosen["weight_decay"] is None:
-                        chosen["weight_decay"] = float(trainer.args.weight_decay)
-                    if keep_loss_scaling and _keep_loss_scaling(model):
-                        trainer.model_accepts_loss_kwargs = False  # Trainer read the flag in __init__ already
-                chosen["weight_decay"] = chosen["weight_decay"] or 0.0
+                chosen["lr"], chosen["weight_decay"] = lr_and_weight_decay(
+                    bundle.rule, chosen["lr"], chosen["weight_decay"], trainer.args if trainer is not None else None
+                )
+                if trainer is not None and keep_loss_scaling and _keep_loss_scaling(model):
+                    trainer.model_accepts_loss_kwargs = False  # Trainer read the flag in __init__ already
                 return bundle.build_optimizer(model, **chosen)
 
         return LearnedOptimizerFactory, {}

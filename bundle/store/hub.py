@@ -296,13 +296,8 @@ def pull_repo(
         if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
             raise BundleError(f"{target}: is neither empty nor a bundle; refusing to replace its contents")
     snapshot = download_repo(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        endpoint=endpoint,
-        include_card=True,
+        repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        endpoint=endpoint, include_card=True,
     )
     staging = staging_directory(target)
     try:
@@ -357,17 +352,9 @@ def _read_remote_text(api: Any, repo_id: str, name: str, commit: str, cache: Pat
 
 
 def push_directory(
-    directory: str | Path,
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    token: str | bool | None = None,
-    create_pr: bool = False,
-    overwrite_card: bool = False,
-    endpoint: str | None = None,
+    directory: str | Path, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+    commit_message: str | None = None, commit_description: str | None = None, token: str | bool | None = None,
+    create_pr: bool = False, overwrite_card: bool = False, endpoint: str | None = None,
 ) -> CommitInfo:
     """Push a saved bundle or rule-repo folder to ``repo_id`` as one commit; returns the `CommitInfo`
     (``.oid`` is the new commit's sha, ``.commit_url`` its page; it is a ``str`` of the commit URL, as

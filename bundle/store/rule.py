@@ -52,14 +52,8 @@ class LearnedRule(RuleNetwork):
         return cls.from_directory(snapshot.directory / prefix if prefix else snapshot.directory)
 
     def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        overwrite_card: bool = False,
+        self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+        commit_message: str | None = None, token: str | bool | None = None, overwrite_card: bool = False,
     ) -> Any:
         """Publish this rule alone as an optimizer-only Hub repo (``rule_config.json``, ``rule.safetensors``,
         ``provenance.json``, ``bundle.json``, ``README.md``) in ONE commit; returns the ``CommitInfo``."""

@@ -43,6 +43,30 @@ def lr_is_learning_rate(rule: LearnedRule) -> bool:
     return rule.config.format_version >= 2
 
 
+def lr_and_weight_decay(
+    rule: LearnedRule, lr: float | None, weight_decay: float | None, args: Any = None
+) -> tuple[float | None, float]:
+    """``(lr, weight_decay)`` with the ones left ``None`` taken from Trainer's ``TrainingArguments`` ``args``.
+
+    ``lr``: ``args.learning_rate`` for a format-2 rule; a format-1 rule's lr is a multiplier, so it stays
+    ``None`` (the rule's recommended multiplier). ``weight_decay``: ``args.weight_decay``, 0 without ``args``.
+    Shared by `Bundle.optimizer` (``args=``) and `Bundle.optimizer_factory` (the calling Trainer's args).
+    """
+    if args is not None:
+        if lr is None:
+            if lr_is_learning_rate(rule):
+                lr = float(args.learning_rate)
+            else:
+                logger.info(
+                    "format-1 rule: its lr is a multiplier, so Trainer's learning_rate=%g is not used "
+                    "(the rule's recommended multiplier is)",
+                    args.learning_rate,
+                )
+        if weight_decay is None:
+            weight_decay = float(args.weight_decay)
+    return lr, weight_decay or 0.0
+
+
 def find_trainer(max_depth: int = 8) -> Any:
     """The `transformers.Trainer` whose method is on the call stack (the one building our optimizer), or None.
 

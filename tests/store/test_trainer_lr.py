@@ -123,3 +123,23 @@ def test_weight_decay_spares_biases_and_norms_like_trainer(tmp_path):
     assert "classifier.weight" in decay and "classifier.bias" in no_decay
     assert all("LayerNorm" in n or n.endswith("bias") for n in no_decay)
     assert all(g["lr"] == 3e-3 for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("rule", ["default", "default-v2"])
+def test_both_optimizer_paths_take_lr_and_weight_decay_from_trainer_alike(tmp_path, rule):
+    """``optimizer(args=...)`` and the factory Trainer calls read the same lr and weight decay from the args:
+    the learning rate for a format-2 rule, the rule's recommended multiplier (not 3e-3) for a format-1 rule."""
+    args = trainer_args(tmp_path, 1, weight_decay=0.1, learning_rate=3e-3)
+    direct, _ = Bundle(digits_bert(), load_rule(rule)).optimizer(args=args)
+    bundle = Bundle(digits_bert(), load_rule(rule))
+    trainer = Trainer(model=bundle.model, args=args, train_dataset=digits_dataset(32),
+                      optimizer_cls_and_kwargs=bundle.optimizer_factory())
+    built = trainer.create_optimizer()
+
+    def settings(optimizer):
+        return sorted((len(g["params"]), g["lr"], g["weight_decay"]) for g in optimizer.param_groups)
+
+    assert settings(direct) == settings(built)
+    lrs = {g["lr"] for g in built.param_groups}
+    assert lrs == ({3e-3} if rule == "default" else {bundle.rule.config.recommended_lr["scratch"]})  # a fresh model
+    assert {g["weight_decay"] for g in built.param_groups} == {0.0, 0.1}
