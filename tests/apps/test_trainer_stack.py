@@ -57,7 +57,7 @@ def test_lora_optimizer_covers_only_trainable_params_and_routes_rules(base_dir, 
     assert by_rule["lora_b"] and all("lora_B" in n for n in by_rule["lora_b"])
     assert not any("lora_B" in n for n in by_rule["default"])
     frozen_before = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if not p.requires_grad}
-    trainer = Trainer(model=bundle.model, args=trainer_args(tmp_path, 60), train_dataset=digits_dataset(512, 512),
+    trainer = Trainer(model=bundle.model, args=trainer_args(tmp_path, 120), train_dataset=digits_dataset(512, 512),
                       optimizers=(optimizer, scheduler))
     trainer.train()
     losses = logged_losses(trainer)
