@@ -83,6 +83,8 @@ ROUTING_NAME = "routing.json"
 ROLES_NAME = "roles.json"
 ROLES_FORMAT_VERSION = 1
 RULES_DIR = "rules"
+#: files a bundle attaches at its top level (`Bundle.attachments`): figures its card shows
+ATTACHMENT_SUFFIX = ".png"
 
 #: Limits on what a bundle may ask for, checked before anything is built from it.
 MAX_RULES = 64  # rules of a layer-wise bundle
@@ -227,6 +229,9 @@ class Bundle:
         self.state: NamedState | None = None
         if state is not None:
             self.set_state(state)
+        #: figures saved at the bundle's top level (name → PNG bytes), e.g. refinement's before/after plot
+        #: that the card links to; read back on load
+        self.attachments: dict[str, bytes] = {}
 
     @property
     def rule(self) -> LearnedRule:
@@ -472,6 +477,10 @@ class Bundle:
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype, max_shard_size=shard_bytes)
+            for name, data in self.attachments.items():
+                if "/" in name or not name.endswith(ATTACHMENT_SUFFIX) or (staging / name).exists():
+                    raise ValueError(f"attachments: {name!r} must be a new top-level {ATTACHMENT_SUFFIX} file name")
+                (staging / name).write_bytes(data)
 
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
@@ -640,6 +649,10 @@ class Bundle:
         regime = trained_regime if state is not None and trained_regime else "finetune"
         bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime=regime)
         bundle.state = state
+        bundle.attachments = {
+            name: (directory / name).read_bytes() for name in manifest["files"]
+            if "/" not in name and name.endswith(ATTACHMENT_SUFFIX)
+        }
         return bundle
 
 
