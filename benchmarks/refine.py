@@ -290,7 +290,9 @@ def domain_data(name: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
     return task, windows(tokens[:cut1]), windows(tokens[cut1:cut2], spec["val"]), windows(tokens[cut2:], spec["test"])
 
 
-def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path) -> dict[str, Any]:
+def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=None) -> dict[str, Any]:
+    """All rows of one domain (see the module docstring); ``save(result)`` is called after every seed with
+    the seeds done so far (a long run killed midway keeps its finished seeds)."""
     from heldout import MUON_ROLES, WEIGHT_DECAY, MuonAdamW
     from optbundle.meta.refine import evaluate_loss
     from optbundle.meta.scalars import eval_passes
@@ -343,11 +345,14 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path) -> dict
             rows.append(run("AdamW", lr, adamw_factory(lr, WEIGHT_DECAY), seed))
         for lr in spec["lrs"]:
             rows.append(run("Muon", lr, muon_factory(lr), seed))
-    sweep_passes = SWEEP_POINTS * (steps + eval_passes(len(val)))
-    return {"domain": name, "spec": spec, "seeds": seeds, "steps": steps, "batch_size": batch, "rows": rows,
-            "refinements": refinements, "sweep_passes": sweep_passes, "wall_s": time.perf_counter() - start,
-            "sizes": {"train": len(train), "val": len(val), "test": len(test)}, "threads": threads,
-            "parent_hash": default.content_hash()}
+        result = {"domain": name, "spec": spec, "seeds": [r["seed"] for r in refinements], "steps": steps,
+                  "batch_size": batch, "rows": rows, "refinements": refinements,
+                  "sweep_passes": SWEEP_POINTS * (steps + eval_passes(len(val))), "wall_s": time.perf_counter() - start,
+                  "sizes": {"train": len(train), "val": len(val), "test": len(test)}, "threads": threads,
+                  "parent_hash": default.content_hash()}
+        if save is not None:
+            save(result)
+    return result
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -380,6 +385,7 @@ def domain_table(result: dict[str, Any]) -> str:
     diffs = [u - r for u, r in zip(unref, ref)]
     d_mean, d_se = _mean_se(diffs)
     adamw_pick = summary["AdamW best-of-5 (picked by validation)"]
+    adamw_oracle = next(v for k, v in summary.items() if k.startswith("AdamW oracle"))
     lines = [
         f"### {result['domain']}",
         "",
@@ -401,6 +407,8 @@ def domain_table(result: dict[str, Any]) -> str:
         f"- refined vs unrefined (paired over seeds): test loss lower by **{d_mean:.4f} ± {d_se:.4f}** (SE)"
         f" = {d_mean / d_se if d_se else float('inf'):.1f} SE; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
         f"- refined vs AdamW best-of-5 (validation pick): ratio **{_stats(ref)[0] / _stats(adamw_pick)[0]:.3f}**;"
+        f" vs AdamW at the oracle lr: {_stats(ref)[0] / _stats(adamw_oracle)[0]:.3f}; vs Muon best-of-5 (validation"
+        f" pick): {_stats(ref)[0] / _stats(summary['Muon best-of-5 (picked by validation)'])[0]:.3f};"
         f" lrs picked per seed: AdamW {summary['_AdamW_picked_lrs']}, Muon {summary['_Muon_picked_lrs']}",
         f"- refinement cost: {', '.join(map(str, spent))} passes per seed vs the 5-point sweep's {result['sweep_passes']}"
         f" (5 × ({result['steps']} steps + held-out evaluation))",
@@ -475,10 +483,12 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for name in args.domains or []:
-            result = run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains")
-            (out / f"refine-{name}.json").write_text(results_json.dumps(result, default=str))
-            domain_plot(result, out / f"refine-{name}.png")
-            print(domain_table(result))
+            def save(result: dict[str, Any], name: str = name) -> None:
+                (out / f"refine-{name}.json").write_text(results_json.dumps(result, default=str))
+                domain_plot(result, out / f"refine-{name}.png")
+                print(domain_table(result), flush=True)
+
+            run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains", save)
         if args.table:
             print(f"wrote {write_domain_table()}")
         return

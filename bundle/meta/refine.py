@@ -22,6 +22,10 @@ TBPTT), the same mask, checkpoints and resume. What refinement adds:
   rule, held-out loss), a PNG of the meta-loss and of both curves, and provenance that links to the parent.
 
 The model runs in eval mode during refinement (dropout off: ± copies must see the same function).
+
+``adapt="scalars"`` replaces the PES loop by the budgeted search of `optbundle.meta.scalars` (step size,
+per-role multipliers, schedule constant; full-horizon runs scored on held-out data; ``budget="sweep5"``):
+`refine_scalars`.
 """
 
 from __future__ import annotations
@@ -567,8 +571,10 @@ def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dic
                     counter.spent, counter.budget)
         return result["held_out_loss"]
 
-    was_training = model.training
+    was_training, threads = model.training, torch.get_num_threads()
     model.eval()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     try:
         best, history = scalars.coordinate_search(
@@ -576,6 +582,7 @@ def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dic
         )
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads)
     refined = scalars.scaled_rule(parent, best)
     chosen = min(range(len(history)), key=lambda i: history[i]["held_out_loss"])
     before, after = history[0]["held_out_loss"], history[chosen]["held_out_loss"]
@@ -634,14 +641,7 @@ def plot_scalar_refinement(runs: list[dict[str, Any]], chosen: int, comparison: 
         window = max(1, len(values) // 10)
         smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
         right.plot(range(1, len(values) + 1), smooth, label=f"{label}: held-out {runs[index]['held_out_loss']:.4f}")
-    right.set_xlabel("fine-tuning step")
-    right.set_ylabel("training loss (moving average)")
-    right.set_title(f"before / after (seed {comparison['seed']})")
-    right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_before_after(fig, right, "training loss (moving average)", comparison["seed"], path)
     return path.read_bytes()
 
 
@@ -680,9 +680,16 @@ def plot_refinement(trainer: Any, comparison: dict[str, Any], path: Path) -> Non
     for label, curve in comparison["curves"].items():
         steps, losses = zip(*curve)
         right.plot(steps, losses, marker="o", ms=3, label=f"{label} rule")
+    _save_before_after(fig, right, "held-out loss", comparison["seed"], path)
+
+
+def _save_before_after(fig: Any, right: Any, ylabel: str, seed: int, path: Path) -> None:
+    """Label the before/after panel ``right`` and save ``fig`` to ``path``."""
+    import matplotlib.pyplot as plt  # heavy: only for the plot
+
     right.set_xlabel("fine-tuning step")
-    right.set_ylabel("held-out loss")
-    right.set_title(f"before / after (seed {comparison['seed']})")
+    right.set_ylabel(ylabel)
+    right.set_title(f"before / after (seed {seed})")
     right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -393,6 +393,11 @@ class Bundle:
         language modelling). ``eval_dataset`` is the meta-objective's held-out data; without it a
         ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
         (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
+
+        ``adapt="scalars"`` (`optbundle.meta.scalars`) searches the rule's step size, per-role multipliers and
+        schedule constant instead of φ, each candidate one fine-tuning run of ``horizon`` steps scored on
+        ``eval_dataset``, within ``budget`` (``"sweep5"``: the forward-backward passes of a 5-point lr sweep of
+        the same length; or a number of passes); provenance records the passes spent.
         """
         from ..meta.refine import refine_bundle  # the meta layer sits above this one; only refine() needs it
 
