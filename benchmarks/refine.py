@@ -24,6 +24,8 @@ Budgeted scalar refinement (``--domains``; issue 16): "I would otherwise sweep A
 task. If I spend the same compute refining the bundle's optimizer, do I end up better?"
 
     python benchmarks/refine.py --domains minilm-lora-tweets          # one domain, 3 seeds: refine-<domain>.{json,png}
+    python benchmarks/refine.py --domains minilm-lora-tweets --seeds 22 --out outputs/s22   # seeds side by side, then
+    python benchmarks/refine.py --merge A.json B.json                 # one domain's JSON over disjoint seeds
     python benchmarks/refine.py --table                               # benchmarks/results/refine.md from the domains' JSON
 
 Domains (`heldout_tasks` models, data outside the rule's meta-training): ``minilm-lora-tweets`` (MiniLM-L6 +
@@ -452,6 +454,23 @@ def domain_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
+    """One domain's result from runs over disjoint seeds (``--seeds`` in separate processes): rows, refinements
+    and seeds concatenated; the wall time is the sum (CPU-time-like: the processes ran side by side)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    if any(r["domain"] != first["domain"] or r["spec"] != first["spec"] for r in results):
+        raise SystemExit("--merge: the files are not runs of the same domain and settings")
+    seeds = [s for r in results for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seeds overlap: {seeds}")
+    merged = dict(first)
+    merged.update(seeds=seeds, rows=[row for r in results for row in r["rows"]],
+                  refinements=[x for r in results for x in r["refinements"]], wall_s=sum(r["wall_s"] for r in results),
+                  merged_from=[str(p) for p in paths])
+    return merged
+
+
 def write_domain_table() -> Path:
     parts = []
     for name in DOMAINS:
@@ -477,11 +496,18 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=DOMAIN_SEEDS)
     parser.add_argument("--out", default=str(RESULTS), help="folder of the domains' JSON/PNG (default: benchmarks/results)")
     parser.add_argument("--table", action="store_true", help="write benchmarks/results/refine.md from the domains' JSON")
+    parser.add_argument("--merge", nargs="+", type=Path,
+                        help="merge one domain's JSON files over disjoint seeds into --out/refine-<domain>.json (+ plot)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.domains or args.table:
+    if args.domains or args.table or args.merge:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        if args.merge:
+            merged = merge_domain_results(args.merge)
+            (out / f"refine-{merged['domain']}.json").write_text(results_json.dumps(merged, default=str))
+            domain_plot(merged, out / f"refine-{merged['domain']}.png")
+            print(domain_table(merged))
         for name in args.domains or []:
             def save(result: dict[str, Any], name: str = name) -> None:
                 (out / f"refine-{name}.json").write_text(results_json.dumps(result, default=str))
