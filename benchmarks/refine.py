@@ -393,7 +393,9 @@ def domain_table(result: dict[str, Any]) -> str:
         "",
         f"{result['steps']} steps at batch {result['batch_size']}; seeds {result['seeds']}; train/validation/test "
         f"{result['sizes']['train']}/{result['sizes']['val']}/{result['sizes']['test']} examples; "
-        f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s).",
+        f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s)"
+        + (f" (summed over {len(result['merged_from'])} processes run side by side on a shared machine)."
+           if result.get("merged_from") else "."),
         "",
         "| optimizer | test loss, mean ± SE | per seed |",
         "|---|---:|---|",
@@ -477,6 +479,9 @@ def write_domain_table() -> Path:
         path = RESULTS / f"refine-{name}.json"
         if path.exists():
             parts.append(domain_table(json.loads(path.read_text())))
+    missing = [name for name in DOMAINS if not (RESULTS / f"refine-{name}.json").exists()]
+    if missing:
+        parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
     target = RESULTS / "refine.md"
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
             "per domain (writes `refine-NAME.json/.png`), then `python benchmarks/refine.py --table`. Protocol: "
