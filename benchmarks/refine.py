@@ -19,11 +19,35 @@ measures the loss on a *test* split that neither refinement nor training touched
 recipe's train+eval rows of its shuffled order; for Shakespeare a play that is neither the eval play nor one
 the training chunks came from. All runs: eval mode (dropout off), same batches per seed for every optimizer,
 constant learning rates, LoRA weights and heads trained, base weights frozen.
+
+Budgeted scalar refinement (``--domains``; issue 16): "I would otherwise sweep AdamW's lr over 5 values on my
+task. If I spend the same compute refining the bundle's optimizer, do I end up better?"
+
+    python benchmarks/refine.py --domains minilm-lora-tweets          # one domain, 3 seeds: refine-<domain>.{json,png}
+    python benchmarks/refine.py --domains minilm-lora-tweets --seeds 22 --out outputs/s22   # seeds side by side, then
+    python benchmarks/refine.py --merge A.json B.json                 # one domain's JSON over disjoint seeds
+    python benchmarks/refine.py --table                               # benchmarks/results/refine.md from the domains' JSON
+
+Domains (`heldout_tasks` models, data outside the rule's meta-training): ``minilm-lora-tweets`` (MiniLM-L6 +
+LoRA r=8 + new head, VADER tweets), ``minilm-full-amazon`` (MiniLM-L6 full fine-tuning, VADER Amazon snippets),
+``smollm2-lora-tragedies`` (SmolLM2-135M + LoRA r=8, Shakespeare tragedies). Each domain's data is cut once into
+train / validation / test (disjoint). Per seed (the seed draws the new head / LoRA A and the batch order; every
+optimizer of a seed sees the same batches for ``steps`` steps), what a user would do:
+
+- **refined**: ``Bundle(model, default).refine(train, validation, adapt="scalars", horizon=steps, budget="sweep5")``
+  (the search trains only on train and picks by validation loss), then one fine-tune with the refined rule;
+- **unrefined**: the default rule as shipped;
+- **AdamW / Muon best-of-5**: a 5-point lr sweep, the lr picked by validation loss (the user's choice) — and,
+  reported beside it, the oracle lr with the lowest mean *test* loss (a bound no user has);
+
+and all report the loss on the test split, which neither refinement nor any sweep saw. Cost: forward-backward
+passes (a held-out evaluation batch counts as one pass), refinement's counted by `optbundle.meta.scalars`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -34,12 +58,11 @@ import torch
 from optbundle import Bundle, load_rule
 from optbundle.store import assets
 from optbundle.apps.finetune import build_datasets, load_model, load_tokenizer
+from optbundle.apps.refine import load_refine_recipe, run_refine_recipe
 from optbundle.meta.refine import (
     adamw_factory,
     finetune_curve,
     learned_optimizer_factory,
-    load_refine_recipe,
-    run_refine_recipe,
     token_data,
     with_lr_folded,
 )
@@ -223,14 +246,283 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- budgeted scalar refinement on held-out domains (--domains) -------------------------------------------
+
+#: one domain: a `heldout_tasks` model, its split sizes, horizon, batch and the baselines' lr sweep
+DOMAINS = {
+    "minilm-lora-tweets": dict(task="lora", data="vader-tweets", count=4200, max_length=32, train=2400, val=384,
+                               test=512, steps=40, batch=8, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+    "minilm-full-amazon": dict(task="full", data="vader-amazonReviewSnippets", count=3708, max_length=32, train=2400,
+                               val=384, test=512, steps=30, batch=8, lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
+    "smollm2-lora-tragedies": dict(task="smollm2", context=64, val=32, test=64, steps=16, batch=2,
+                                   lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+}
+DOMAIN_SEEDS = [21, 22, 23]
+SWEEP_POINTS = 5
+
+
+def domain_data(name: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
+    """``(task, train, validation, test)``: the `heldout_tasks` task (model loaded) and three disjoint lists of
+    tokenized examples. Classification: one fixed permutation of the corpus; language modelling: the token
+    stream cut 80/10/10 into train / validation / test, windows of ``context`` tokens."""
+    import heldout_tasks as HT
+
+    spec = DOMAINS[name]
+    if spec["task"] in ("lora", "full"):
+        task = (HT.MiniLMLoRA if spec["task"] == "lora" else HT.MiniLMFullFineTune)(spec["data"], spec["count"])
+        task.max_length = spec["max_length"]
+        task.ensure_loaded()
+        n = task.labels.numel()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        rows = [{"input_ids": task.input_ids[i][task.attention_mask[i].bool()].tolist(), "labels": int(task.labels[i])}
+                for i in order]
+        cut1, cut2 = spec["train"], spec["train"] + spec["val"]
+        if cut2 + spec["test"] > n:
+            raise ValueError(f"{name}: {n} examples, fewer than train+val+test")
+        return task, rows[:cut1], rows[cut1:cut2], rows[cut2:cut2 + spec["test"]]
+    task = HT.SmolLM2LoRA(context=spec["context"], batch_size=spec["batch"])
+    task.ensure_loaded()
+    tokens, ctx = task.tokens, spec["context"]
+    cut1, cut2 = int(0.8 * tokens.numel()), int(0.9 * tokens.numel())
+
+    def windows(part: torch.Tensor, limit: int | None = None) -> list[dict]:
+        out = [{"input_ids": part[s:s + ctx].tolist()} for s in range(0, part.numel() - ctx, ctx)]
+        return out[:limit] if limit else out
+
+    return task, windows(tokens[:cut1]), windows(tokens[cut1:cut2], spec["val"]), windows(tokens[cut2:], spec["test"])
+
+
+def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=None) -> dict[str, Any]:
+    """All rows of one domain (see the module docstring); ``save(result)`` is called after every seed with
+    the seeds done so far (a long run killed midway keeps its finished seeds)."""
+    from heldout import MUON_ROLES, WEIGHT_DECAY, MuonAdamW
+    from optbundle.meta.refine import evaluate_loss
+    from optbundle.meta.scalars import eval_passes
+    from optbundle.store.bundle import model_roles
+
+    torch.set_num_threads(threads)
+    spec = DOMAINS[name]
+    task, train_rows, val_rows, test_rows = domain_data(name)
+    model = task.model
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    train, val, test = (token_data(r, pad, 512, what) for r, what in ((train_rows, "train"), (val_rows, "val"), (test_rows, "test")))
+    steps, batch = spec["steps"], spec["batch"]
+    default = load_rule("default")
+
+    def muon_factory(lr: float):
+        def make(named):
+            roles = model_roles(model)
+            to_muon = [roles[n] in MUON_ROLES and p.dim() == 2 for n, p in named]
+            return MuonAdamW([p for (_, p), m in zip(named, to_muon) if m], [p for (_, p), m in zip(named, to_muon) if not m], lr)
+        return make
+
+    def run(label: str, lr: float | None, make, seed: int) -> dict[str, Any]:
+        task.reset(seed)
+        result = finetune_curve(model, make, train, val, steps, seed=seed, batch_size=batch, eval_every=steps + 1,
+                                eval_start=False)
+        row = {"optimizer": label, "lr": lr, "seed": seed, "val": result["final"], "test": evaluate_loss(model, test),
+               "diverged": result["diverged"], "wall_s": result["wall_s"], "passes": result["passes"]}
+        print(f"{name} seed {seed}: {label} lr={lr}: val {row['val']:.4f} test {row['test']:.4f} "
+              f"({row['wall_s']:.0f} s)", flush=True)
+        return row
+
+    rows, refinements = [], []
+    start = time.perf_counter()
+    for seed in seeds:
+        task.reset(seed)
+        bundle = Bundle(model, default)
+        t0 = time.perf_counter()
+        refined = bundle.refine(train_rows, val_rows, dataset_name=name, adapt="scalars", horizon=steps, budget="sweep5",
+                                batch_size=batch, seed=seed, max_tokens=512, progress=False,
+                                out_dir=str(out_dir / name / f"seed{seed}"))
+        prov = refined.rule.provenance
+        refinements.append({"seed": seed, "wall_s": time.perf_counter() - t0, "budget": prov["budget"],
+                            "scalars": prov["scalars"], "search": prov["search"], "before_after": prov["before_after"]})
+        print(f"{name} seed {seed}: refined {prov['scalars']} spent {prov['budget']['spent']}/{prov['budget']['passes']}"
+              f" passes, val {prov['before_after']['held_out_loss_parent']:.4f} -> {prov['before_after']['held_out_loss_refined']:.4f}", flush=True)
+        rule_of = {"unrefined rule": default, "refined rule": refined.rule}
+        for label, rule in rule_of.items():
+            rows.append(run(label, None, lambda _n, rule=rule: Bundle(model, rule).build_optimizer(model), seed))
+        for lr in spec["lrs"]:
+            rows.append(run("AdamW", lr, adamw_factory(lr, WEIGHT_DECAY), seed))
+        for lr in spec["lrs"]:
+            rows.append(run("Muon", lr, muon_factory(lr), seed))
+        result = {"domain": name, "spec": spec, "seeds": [r["seed"] for r in refinements], "steps": steps,
+                  "batch_size": batch, "rows": rows, "refinements": refinements,
+                  "sweep_passes": SWEEP_POINTS * (steps + eval_passes(len(val))), "wall_s": time.perf_counter() - start,
+                  "sizes": {"train": len(train), "val": len(val), "test": len(test)}, "threads": threads,
+                  "parent_hash": default.content_hash()}
+        if save is not None:
+            save(result)
+    return result
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean, std = _stats(values)
+    return mean, std / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def domain_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Per-seed test losses of each row of the table (the user's val-picked sweep choice and the oracle lr)."""
+    rows, seeds = result["rows"], result["seeds"]
+    by = lambda label, seed: [r for r in rows if r["optimizer"] == label and r["seed"] == seed]  # noqa: E731
+    out: dict[str, list[float]] = {}
+    for label in ("unrefined rule", "refined rule"):
+        out[label] = [by(label, s)[0]["test"] for s in seeds]
+    for base in ("AdamW", "Muon"):
+        picked = [min(by(base, s), key=lambda r: r["val"]) for s in seeds]
+        out[f"{base} best-of-5 (picked by validation)"] = [r["test"] for r in picked]
+        lrs = sorted({r["lr"] for r in rows if r["optimizer"] == base})
+        mean_test = {lr: sum(r["test"] for r in rows if r["optimizer"] == base and r["lr"] == lr) / len(seeds) for lr in lrs}
+        oracle = min(mean_test, key=mean_test.get)
+        out[f"{base} oracle lr {oracle:g} (best mean test)"] = [r["test"] for s in seeds for r in by(base, s) if r["lr"] == oracle]
+        out[f"_{base}_picked_lrs"] = [r["lr"] for r in picked]
+    return out
+
+
+def domain_table(result: dict[str, Any]) -> str:
+    summary = domain_summary(result)
+    spent = [r["budget"]["spent"] for r in result["refinements"]]
+    unref, ref = summary["unrefined rule"], summary["refined rule"]
+    diffs = [u - r for u, r in zip(unref, ref)]
+    d_mean, d_se = _mean_se(diffs)
+    adamw_pick = summary["AdamW best-of-5 (picked by validation)"]
+    adamw_oracle = next(v for k, v in summary.items() if k.startswith("AdamW oracle"))
+    lines = [
+        f"### {result['domain']}",
+        "",
+        f"{result['steps']} steps at batch {result['batch_size']}; seeds {result['seeds']}; train/validation/test "
+        f"{result['sizes']['train']}/{result['sizes']['val']}/{result['sizes']['test']} examples; "
+        f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s)"
+        + (f" (summed over {len(result['merged_from'])} processes run side by side on a shared machine)."
+           if result.get("merged_from") else "."),
+        "",
+        "| optimizer | test loss, mean ± SE | per seed |",
+        "|---|---:|---|",
+    ]
+    for label, values in summary.items():
+        if label.startswith("_"):
+            continue
+        mean, se = _mean_se(values)
+        lines.append(f"| {label} | {mean:.4f} ± {se:.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
+    per_seed_val = [(r["before_after"]["held_out_loss_parent"], r["before_after"]["held_out_loss_refined"]) for r in result["refinements"]]
+    lines += [
+        "",
+        f"- refined vs unrefined (paired over seeds): test loss lower by **{d_mean:.4f} ± {d_se:.4f}** (SE)"
+        f" = {d_mean / d_se if d_se else float('inf'):.1f} SE; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
+        f"- refined vs AdamW best-of-5 (validation pick): ratio **{_stats(ref)[0] / _stats(adamw_pick)[0]:.3f}**;"
+        f" vs AdamW at the oracle lr: {_stats(ref)[0] / _stats(adamw_oracle)[0]:.3f}; vs Muon best-of-5 (validation"
+        f" pick): {_stats(ref)[0] / _stats(summary['Muon best-of-5 (picked by validation)'])[0]:.3f};"
+        f" lrs picked per seed: AdamW {summary['_AdamW_picked_lrs']}, Muon {summary['_Muon_picked_lrs']}",
+        f"- refinement cost: {', '.join(map(str, spent))} passes per seed vs the 5-point sweep's {result['sweep_passes']}"
+        f" (5 × ({result['steps']} steps + held-out evaluation))",
+        "- chosen scalars per seed: " + "; ".join(
+            ", ".join(f"{k} ×{v:.3g}" for k, v in r["scalars"].items() if abs(v - 1) > 1e-9) or "parent (no change)"
+            for r in result["refinements"]),
+        "- validation loss parent → refined (inside the search): " + ", ".join(f"{a:.4f} → {b:.4f}" for a, b in per_seed_val),
+        "",
+        f"![{result['domain']}](refine-{result['domain']}.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def domain_plot(result: dict[str, Any], path: Path) -> None:
+    """Test loss vs lr of the AdamW and Muon sweeps (mean ± SE over seeds) with the unrefined and refined
+    rule as horizontal bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, seeds = result["rows"], result["seeds"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for base, color in (("AdamW", "tab:blue"), ("Muon", "tab:orange")):
+        lrs = sorted({r["lr"] for r in rows if r["optimizer"] == base})
+        stats = [_mean_se([r["test"] for r in rows if r["optimizer"] == base and r["lr"] == lr]) for lr in lrs]
+        ax.errorbar(lrs, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", color=color, label=f"{base} sweep")
+    summary = domain_summary(result)
+    for label, color in (("unrefined rule", "tab:gray"), ("refined rule", "tab:red")):
+        mean, se = _mean_se(summary[label])
+        ax.axhline(mean, color=color, label=f"{label} {mean:.4f} ± {se:.4f}")
+        ax.axhspan(mean - se, mean + se, color=color, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("lr of the baseline")
+    ax.set_ylabel(f"test loss after {result['steps']} steps (mean ± SE, {len(seeds)} seeds)")
+    ax.set_title(f"{result['domain']}: refinement (≤ sweep5 compute) vs lr sweeps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
+    """One domain's result from runs over disjoint seeds (``--seeds`` in separate processes): rows, refinements
+    and seeds concatenated; the wall time is the sum (CPU-time-like: the processes ran side by side)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    if any(r["domain"] != first["domain"] or r["spec"] != first["spec"] for r in results):
+        raise SystemExit("--merge: the files are not runs of the same domain and settings")
+    seeds = [s for r in results for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seeds overlap: {seeds}")
+    merged = dict(first)
+    merged.update(seeds=seeds, rows=[row for r in results for row in r["rows"]],
+                  refinements=[x for r in results for x in r["refinements"]], wall_s=sum(r["wall_s"] for r in results),
+                  merged_from=[str(p) for p in paths])
+    return merged
+
+
+def write_domain_table() -> Path:
+    parts = []
+    for name in DOMAINS:
+        path = RESULTS / f"refine-{name}.json"
+        if path.exists():
+            parts.append(domain_table(json.loads(path.read_text())))
+    missing = [name for name in DOMAINS if not (RESULTS / f"refine-{name}.json").exists()]
+    if missing:
+        parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
+    target = RESULTS / "refine.md"
+    head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
+            "per domain (writes `refine-NAME.json/.png`), then `python benchmarks/refine.py --table`. Protocol: "
+            "see the docstring of `benchmarks/refine.py`.\n\n")
+    target.write_text(head + "\n".join(parts))
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="refine again even if the recipe's bundle exists")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--domains", nargs="*", choices=list(DOMAINS),
+                        help="run the budgeted scalar-refinement protocol on these domains instead of --settings")
+    parser.add_argument("--seeds", nargs="*", type=int, default=DOMAIN_SEEDS)
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the domains' JSON/PNG (default: benchmarks/results)")
+    parser.add_argument("--table", action="store_true", help="write benchmarks/results/refine.md from the domains' JSON")
+    parser.add_argument("--merge", nargs="+", type=Path,
+                        help="merge one domain's JSON files over disjoint seeds into --out/refine-<domain>.json (+ plot)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.domains or args.table or args.merge:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.merge:
+            merged = merge_domain_results(args.merge)
+            (out / f"refine-{merged['domain']}.json").write_text(results_json.dumps(merged, default=str))
+            domain_plot(merged, out / f"refine-{merged['domain']}.png")
+            print(domain_table(merged))
+        for name in args.domains or []:
+            def save(result: dict[str, Any], name: str = name) -> None:
+                (out / f"refine-{name}.json").write_text(results_json.dumps(result, default=str))
+                domain_plot(result, out / f"refine-{name}.png")
+                print(domain_table(result), flush=True)
+
+            run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains", save)
+        if args.table:
+            print(f"wrote {write_domain_table()}")
+        return
     for name in args.settings:
         result = run_setting(name, args.quick, args.fresh, args.threads)
         stem = RESULTS / f"refine-{name}{'-quick' if args.quick else ''}"

@@ -543,8 +543,14 @@ def refine(args: argparse.Namespace) -> int:
     refined, target = result
     numbers = refined.rule.provenance.get("before_after") or {}
     print(f"refined bundle: {target}")
-    print(f"parent rule {refined.rule.provenance['parent_rule'][:12]} -> refined {refined.rule.content_hash()[:12]} "
-          f"({refined.rule.provenance['meta_steps']} meta-steps, {refined.rule.provenance['wall_time_s']} s)")
+    provenance = refined.rule.provenance
+    how = (f"{provenance['meta_steps']} meta-steps" if "meta_steps" in provenance else
+           "scalars " + ", ".join(f"{k} ×{v:.3g}" for k, v in provenance.get("scalars", {}).items() if v != 1.0))
+    print(f"parent rule {provenance['parent_rule'][:12]} -> refined {refined.rule.content_hash()[:12]} "
+          f"({how}, {provenance['wall_time_s']:.0f} s)")
+    if "budget" in provenance:
+        print(f"compute: {provenance['budget']['spent']} of {provenance['budget']['passes']} forward-backward passes "
+              f"({provenance['budget']['description']})")
     if numbers:
         print(f"held-out loss after {numbers['steps']} fine-tuning steps: parent {numbers['held_out_loss_parent']:.4f}, "
               f"refined {numbers['held_out_loss_refined']:.4f} (ratio {numbers['ratio']:.3f})")

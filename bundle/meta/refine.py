@@ -22,6 +22,10 @@ TBPTT), the same mask, checkpoints and resume. What refinement adds:
   rule, held-out loss), a PNG of the meta-loss and of both curves, and provenance that links to the parent.
 
 The model runs in eval mode during refinement (dropout off: ± copies must see the same function).
+
+``adapt="scalars"`` replaces the PES loop by the budgeted search of `optbundle.meta.scalars` (step size,
+per-role multipliers, schedule constant; full-horizon runs scored on held-out data; ``budget="sweep5"``):
+`refine_scalars`.
 """
 
 from __future__ import annotations
@@ -47,9 +51,15 @@ from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
 from ..store.bundle import Bundle
 from ..store.rule import LearnedRule
+from . import scalars
 from .trainer import ESTIMATORS, EstimatorConfig, MetaTrainConfig, MetaTrainer
 
 logger = logging.getLogger(__name__)
+
+#: what `RefineConfig.adapt` may name
+ADAPT_CHOICES = ("phi", "scalars")
+#: the before/after plot of scalar refinement, in out_dir and attached to the refined bundle (its card shows it)
+REFINEMENT_PLOT = "refinement.png"
 
 
 @dataclass
@@ -87,9 +97,36 @@ class RefineConfig(EstimatorConfig):
     threads: int | None = None
     progress: bool = True
     name: str = "refine"
+    #: what refinement adapts: "phi" (PES on the masked part of φ, `trainable`) or "scalars" (a budgeted
+    #: search over the rule's step-size, per-role and schedule scalars on full-horizon runs, `meta.scalars`)
+    adapt: str = "phi"
+    #: compute budget: "sweepK" (what a K-point lr sweep of `horizon` steps costs, e.g. "sweep5") or a number
+    #: of forward-backward passes; None: "sweep5" for adapt=scalars, no cap for adapt=phi (its meta_steps)
+    budget: str | None = None
+    #: fine-tuning steps the user trains for: the length of every scalar-refinement run (None: compare_steps)
+    horizon: int | None = None
+    #: factor of one step of the scalar search (log-spaced: ×step and ×1/step)
+    scalar_step: float = 2.0
+    #: batch orders each scalar candidate is averaged over (each a full run, paid from the budget)
+    starts: int = 1
+    #: the scalars to adapt (None: all that apply, `meta.scalars.scalar_names`)
+    scalars: list[str] | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.adapt not in ADAPT_CHOICES:
+            problems.append(f"adapt must be one of {', '.join(ADAPT_CHOICES)}, got {self.adapt!r}")
+        if self.horizon is not None and not (isinstance(self.horizon, int) and not isinstance(self.horizon, bool) and self.horizon >= 1):
+            problems.append(f"horizon must be a positive integer (fine-tuning steps) or None, got {self.horizon!r}")
+        if not (isinstance(self.scalar_step, (int, float)) and self.scalar_step > 1):
+            problems.append(f"scalar_step must be > 1, got {self.scalar_step!r}")
+        if not (isinstance(self.starts, int) and self.starts >= 1):
+            problems.append(f"starts must be a positive integer, got {self.starts!r}")
+        if self.budget is not None:
+            try:
+                scalars.resolve_budget(self.budget, 1, 1)
+            except ValueError as err:
+                problems.append(str(err))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             problems.append(f"lr must be > 0, got {self.lr!r}")
         if self.estimator not in ESTIMATORS:
@@ -308,7 +345,7 @@ class TransformersTask(T.ModuleTask):
 # ---- before/after fine-tuning ----------------------------------------------------------------------------
 
 
-def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = 64) -> float:
+def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = scalars.EVAL_BATCH_SIZE) -> float:
     """Mean loss of ``model`` over ``data`` (eval mode, no grad), weighted by examples."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -331,12 +368,15 @@ def finetune_curve(
     eval_every: int = 10,
     progress: bool = False,
     desc: str = "fine-tuning",
+    eval_start: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place for ``steps`` steps on batches drawn with ``seed`` (identical for every
     optimizer given the same seed) and return the held-out loss curve ``[(step, loss), ...]`` and wall time.
 
     The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
     receives the named trainable parameters. ``progress``: a tqdm bar over the steps, labelled ``desc``.
+    ``eval_start=False`` skips the evaluation before the first step. ``passes``: the forward-backward passes
+    spent (one per step, one per held-out evaluation batch of `evaluate_loss`).
     """
     from tqdm.auto import tqdm  # loaded on first use
 
@@ -344,7 +384,7 @@ def finetune_curve(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(named)
     generator = torch.Generator().manual_seed(seed)
-    curve = [(0, evaluate_loss(model, held_out))]
+    curve = [(0, evaluate_loss(model, held_out))] if eval_start else []
     train_losses = []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=1.0)
@@ -361,8 +401,10 @@ def finetune_curve(
         bar.update(1)
     bar.close()
     finite = all(math.isfinite(v) for _, v in curve)
+    finite = finite and all(math.isfinite(v) for v in train_losses)
+    passes = steps + len(curve) * scalars.eval_passes(len(held_out))
     return {"curve": curve, "final": curve[-1][1], "train_losses": train_losses, "diverged": not finite,
-            "wall_s": time.perf_counter() - start}
+            "wall_s": time.perf_counter() - start, "passes": passes}
 
 
 def learned_optimizer_factory(rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float = 1.0):
@@ -394,13 +436,29 @@ def with_lr_folded(rule: LearnedRule, lr: float) -> LearnedRule:
     return folded
 
 
-def _meta_config(cfg: RefineConfig, parent_hash: str):
+def phi_budget(cfg: RefineConfig, held_out_examples: int) -> dict[str, Any] | None:
+    """For ``adapt="phi"`` with a ``budget``: the meta-steps it affords (each meta-step unrolls
+    ``task_groups × pairs × 2`` copies for ``truncation`` inner steps, each a training pass plus a held-out pass of
+    the meta-objective); ``None`` without a budget. The before/after comparison is a report, not counted."""
+    if cfg.budget is None:
+        return None
+    horizon = cfg.horizon or cfg.compare_steps or 1
+    passes, what = scalars.resolve_budget(cfg.budget, horizon, held_out_examples)
+    per_meta_step = cfg.task_groups * cfg.pairs * 2 * cfg.truncation * 2
+    meta_steps = min(cfg.meta_steps, passes // per_meta_step)
+    if meta_steps < 1:
+        raise ValueError(f"budget {cfg.budget!r} ({passes} passes) does not pay for one PES meta-step ({per_meta_step} passes)")
+    return {"budget": cfg.budget, "description": what, "passes": passes, "meta_steps": meta_steps,
+            "spent": meta_steps * per_meta_step, "passes_per_meta_step": per_meta_step}
+
+
+def _meta_config(cfg: RefineConfig, parent_hash: str, meta_steps: int | None = None):
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EstimatorConfig)}
     return MetaTrainConfig(
         **shared, name=cfg.name, seed=cfg.seed, init=f"bundle-rule:{parent_hash}", truncation=cfg.truncation,
         episode_length=tuple(cfg.episode_length), task_groups=cfg.task_groups, instances_per_group=cfg.pairs,
         tasks=[], reparam_range=None, meta_loss={}, outer_lr=cfg.outer_lr, trainable=cfg.trainable,
-        restart_prob=cfg.restart_prob, meta_steps=cfg.meta_steps, checkpoint_every=cfg.checkpoint_every,
+        restart_prob=cfg.restart_prob, meta_steps=meta_steps or cfg.meta_steps, checkpoint_every=cfg.checkpoint_every,
         out_dir=cfg.out_dir, threads=cfg.threads, max_wall_time_s=cfg.max_wall_time_s, progress=cfg.progress,
     )
 
@@ -438,16 +496,22 @@ def refine_bundle(
             raise ValueError(f"train_dataset has {len(train)} examples: too few to split off meta_fraction={cfg.meta_fraction}")
         held_out, train = train.subset(order[:cut]), train.subset(order[cut:])
         split = f"meta_fraction={cfg.meta_fraction} of train_dataset (seed {cfg.seed})"
+    data = {"name": dataset_name or "user-data", "train_examples": len(train), "held_out_examples": len(held_out),
+            "held_out_split": split, "task": "causal-lm" if train.causal_lm else "sequence-classification"}
+    if cfg.adapt == "scalars":
+        return refine_scalars(bundle, train, held_out, data, cfg)
     parent = bundle.rule
     parent_hash = parent.content_hash()
     start_rule = with_lr_folded(parent, cfg.lr)
     out_dir = Path(cfg.out_dir)
+    budget = phi_budget(cfg, len(held_out))
     was_training = model.training
     model.eval()
     try:
         task = TransformersTask(model, train, held_out, cfg.batch_size, cfg.meta_batch_size,
                                 initial_state=bundle.state, name=dataset_name or "user-data")
-        trainer = MetaTrainer(_meta_config(cfg, parent_hash), task=task, out_dir=out_dir, initial=start_rule)
+        meta_config = _meta_config(cfg, parent_hash, budget and budget["meta_steps"])
+        trainer = MetaTrainer(meta_config, task=task, out_dir=out_dir, initial=start_rule)
         refined = trainer.train()
         if refined is None:
             logger.info("refinement stopped at meta-step %d (max_wall_time_s); call again to resume", trainer.meta_step)
@@ -464,16 +528,119 @@ def refine_bundle(
         "parent_rule": parent_hash,
         "parent_provenance": {k: parent.provenance.get(k) for k in ("method", "recipe", "meta_trained") if k in parent.provenance},
         "lr_folded": cfg.lr,
-        "data": {"name": dataset_name or "user-data", "train_examples": len(train), "held_out_examples": len(held_out),
-                 "held_out_split": split, "task": "causal-lm" if train.causal_lm else "sequence-classification"},
+        "data": data,
         "refine_config": dataclasses.asdict(cfg),
         "before_after": comparison and {k: v for k, v in comparison.items() if k != "curves"},
     })
+    if budget is not None:
+        provenance["budget"] = budget
     provenance.pop("recipe_command", None)
     refined.provenance = provenance
     result = Bundle(model, refined, state=bundle.state, tokenizer=bundle.tokenizer, routing=bundle.routing)
     (out_dir / "refinement.json").write_text(json.dumps(provenance, indent=1, default=str))
     return result
+
+
+def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dict[str, Any], cfg: RefineConfig):
+    """``adapt="scalars"``: the budgeted search of `meta.scalars` over full-horizon runs; returns the refined
+    `Bundle` (its rule = the parent's φ with the best scalars in its config; the before/after plot attached)."""
+    horizon = cfg.horizon or cfg.compare_steps
+    if horizon < 1:
+        raise ValueError("adapt='scalars' needs horizon (the fine-tuning steps to refine for) or compare_steps > 0")
+    passes, what = scalars.resolve_budget(cfg.budget or "sweep5", horizon, len(held_out))
+    counter = scalars.PassCounter(passes)
+    parent = bundle.rule
+    model = bundle.model
+    roles = bundle.resolved_roles(model)
+    present = [roles[n] for n, p in model.named_parameters() if p.requires_grad]
+    names = list(cfg.scalars) if cfg.scalars is not None else scalars.scalar_names(parent, present)
+    scalars.scaled_rule(parent, {name: 0.0 for name in names})  # unknown names fail here, before any run
+    runner = scalars.CandidateRunner(bundle, train, held_out, horizon, cfg.batch_size,
+                                     [cfg.seed + i for i in range(cfg.starts)], counter, finetune_curve)
+    if not counter.affords(runner.candidate_passes):
+        raise ValueError(f"budget {cfg.budget or 'sweep5'!r} ({passes} passes) does not pay for one run "
+                         f"({runner.candidate_passes} passes: {horizon} steps + held-out evaluation, × starts={cfg.starts})")
+    runs: list[dict[str, Any]] = []
+
+    def evaluate(log_scales: dict[str, float], label: str) -> float:
+        result = runner(scalars.scaled_rule(parent, log_scales), label)
+        runs.append({"label": label, **result})
+        logger.info("scalar refinement: %s -> held-out loss %.4f (%d/%d passes)", label, result["held_out_loss"],
+                    counter.spent, counter.budget)
+        return result["held_out_loss"]
+
+    was_training, threads = model.training, torch.get_num_threads()
+    model.eval()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    try:
+        best, history = scalars.coordinate_search(
+            evaluate, names, lambda: counter.affords(runner.candidate_passes), cfg.scalar_step
+        )
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(threads)
+    refined = scalars.scaled_rule(parent, best)
+    chosen = min(range(len(history)), key=lambda i: history[i]["held_out_loss"])
+    before, after = history[0]["held_out_loss"], history[chosen]["held_out_loss"]
+    factors = {name: math.exp(value) for name, value in best.items()}
+    comparison = {"steps": horizon, "seed": cfg.seed, "starts": cfg.starts, "held_out_loss_parent": before,
+                  "held_out_loss_refined": after, "ratio": after / before if before else float("nan")}
+    changed = {name: factor for name, factor in factors.items() if best[name]}
+    provenance = {  # fresh: the parent's meta-training settings stay in parent_provenance / the parent's files
+        "meta_trained": parent.provenance.get("meta_trained", False),
+        "method": "scalar-refinement",
+        "parent_rule": parent.content_hash(),
+        "parent_provenance": {k: parent.provenance.get(k) for k in ("method", "recipe", "meta_trained") if k in parent.provenance},
+        "data": data,
+        "refine_config": dataclasses.asdict(cfg),
+        "scalars": factors,
+        "budget": {"budget": cfg.budget or "sweep5", "description": what, "passes": counter.budget,
+                   "spent": counter.spent, "runs": len(history), "passes_per_run": runner.candidate_passes},
+        "search": [{"label": r["label"], "held_out_loss": h["held_out_loss"],
+                    "scales": {k: math.exp(v) for k, v in h["log_scales"].items() if v}} for r, h in zip(runs, history)],
+        "before_after": comparison,
+        "wall_time_s": time.perf_counter() - start,
+        "results": {"parent rule": {"held_out_loss": before, "passes": runner.candidate_passes},
+                    "refined rule": {"held_out_loss": after, "passes": counter.spent, **changed}},
+        "plots": {"before / after refinement": REFINEMENT_PLOT},
+    }
+    refined.provenance = provenance
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_scalar_refinement(runs, chosen, comparison, out_dir / REFINEMENT_PLOT)
+    result = Bundle(model, refined, state=bundle.state, tokenizer=bundle.tokenizer, routing=bundle.routing,
+                    roles=bundle.roles, regime=bundle.regime)
+    result.attachments[REFINEMENT_PLOT] = png
+    (out_dir / "refinement.json").write_text(json.dumps(provenance, indent=1, default=str))
+    return result
+
+
+def plot_scalar_refinement(runs: list[dict[str, Any]], chosen: int, comparison: dict[str, Any], path: Path) -> bytes:
+    """Two panels: held-out loss of every candidate of the search (parent first, the chosen one marked), and
+    the training loss of the parent vs the refined rule (same batches). Saved to ``path``; returns the PNG bytes."""
+    import matplotlib  # heavy: only for the plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: only for the plot
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    losses = [r["held_out_loss"] if math.isfinite(r["held_out_loss"]) else float("nan") for r in runs]
+    left.plot(range(len(runs)), losses, "o-", ms=4)
+    left.plot([0], [losses[0]], "s", color="tab:gray", ms=8, label="parent")
+    left.plot([chosen], [losses[chosen]], "*", color="tab:red", ms=14, label="chosen")
+    left.set_xticks(range(len(runs)), [r["label"] for r in runs], rotation=30, ha="right", fontsize=7)
+    left.set_ylabel(f"held-out loss after {comparison['steps']} steps")
+    left.set_title("scalar search (each point: one full run)")
+    left.legend()
+    for label, index in (("parent rule", 0), ("refined rule", chosen)):
+        values = runs[index]["train_losses"] or []
+        window = max(1, len(values) // 10)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+        right.plot(range(1, len(values) + 1), smooth, label=f"{label}: held-out {runs[index]['held_out_loss']:.4f}")
+    _save_before_after(fig, right, "training loss (moving average)", comparison["seed"], path)
+    return path.read_bytes()
 
 
 def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, state: Any, train: TokenData,
@@ -511,9 +678,16 @@ def plot_refinement(trainer: Any, comparison: dict[str, Any], path: Path) -> Non
     for label, curve in comparison["curves"].items():
         steps, losses = zip(*curve)
         right.plot(steps, losses, marker="o", ms=3, label=f"{label} rule")
+    _save_before_after(fig, right, "held-out loss", comparison["seed"], path)
+
+
+def _save_before_after(fig: Any, right: Any, ylabel: str, seed: int, path: Path) -> None:
+    """Label the before/after panel ``right`` and save ``fig`` to ``path``."""
+    import matplotlib.pyplot as plt  # heavy: only for the plot
+
     right.set_xlabel("fine-tuning step")
-    right.set_ylabel("held-out loss")
-    right.set_title(f"before / after (seed {comparison['seed']})")
+    right.set_ylabel(ylabel)
+    right.set_title(f"before / after (seed {seed})")
     right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ ROUTING_NAME = "routing.json"
 ROLES_NAME = "roles.json"
 ROLES_FORMAT_VERSION = 1
 RULES_DIR = "rules"
+#: files a bundle attaches at its top level (`Bundle.attachments`): figures its card shows
+ATTACHMENT_SUFFIX = ".png"
 
 #: Limits on what a bundle may ask for, checked before anything is built from it.
 MAX_RULES = 64  # rules of a layer-wise bundle
@@ -209,6 +211,9 @@ class Bundle:
         self.state: NamedState | None = None
         if state is not None:
             self.set_state(state)
+        #: figures saved at the bundle's top level (name → PNG bytes), e.g. refinement's before/after plot
+        #: that the card links to; read back on load
+        self.attachments: dict[str, bytes] = {}
 
     @property
     def rule(self) -> LearnedRule:
@@ -350,6 +355,11 @@ class Bundle:
         language modelling). ``eval_dataset`` is the meta-objective's held-out data; without it a
         ``meta_fraction`` of ``train_dataset`` is split off. ``config``: the fields of `refine.RefineConfig`
         (``lr``, ``meta_steps``, ``truncation``, ``pairs``, ``trainable``, ``out_dir``, ...).
+
+        ``adapt="scalars"`` (`optbundle.meta.scalars`) searches the rule's step size, per-role multipliers and
+        schedule constant instead of φ, each candidate one fine-tuning run of ``horizon`` steps scored on
+        ``eval_dataset``, within ``budget`` (``"sweep5"``: the forward-backward passes of a 5-point lr sweep of
+        the same length; or a number of passes); provenance records the passes spent.
         """
         from ..meta.refine import refine_bundle  # the meta layer sits above this one; only refine() needs it
 
@@ -434,6 +444,10 @@ class Bundle:
                 )
             if save_state and self.state:
                 write_named_state(opt_dir, self.state, state_dtype, max_shard_size=shard_bytes)
+            for name, data in self.attachments.items():
+                if "/" in name or not name.endswith(ATTACHMENT_SUFFIX) or (staging / name).exists():
+                    raise ValueError(f"attachments: {name!r} must be a new top-level {ATTACHMENT_SUFFIX} file name")
+                (staging / name).write_bytes(data)
 
             extra = {"model_class": type(self.model).__name__, "rule_hash": self.rule.content_hash()}
             if self.kind == "peft":
@@ -602,6 +616,10 @@ class Bundle:
         regime = trained_regime if state is not None and trained_regime else "finetune"
         bundle = cls(loaded_model, rules, tokenizer=tokenizer, routing=routing, roles=roles, regime=regime)
         bundle.state = state
+        bundle.attachments = {
+            name: (directory / name).read_bytes() for name in manifest["files"]
+            if "/" not in name and name.endswith(ATTACHMENT_SUFFIX)
+        }
         return bundle
 
 
