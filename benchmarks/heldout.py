@@ -73,13 +73,14 @@ from optbundle.meta import unroll as U
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is already there
     sys.path.append(str(Path(__file__).resolve().parent))
 import heldout_tasks as HT  # noqa: E402
+import muon_baseline  # noqa: E402  (also: Muon's Newton–Schulz in fp32 on CPU)
 import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
 WEIGHT_DECAY = 0.01  # AdamW and Muon baselines
 #: roles that the Muon baseline orthogonalizes (when 2-D, or conv kernels viewed as 2-D); the rest gets AdamW
-MUON_ROLES = ("matrix", "adapter")
+MUON_ROLES = muon_baseline.MUON_ROLES
 #: losses are floored here before ratios and crossings are computed: tiny datasets reach float-level zero loss,
 #: and a ratio of two numbers below this floor says nothing about an optimizer
 LOSS_FLOOR = 1e-4
@@ -236,50 +237,6 @@ DEV = [
 SUITES = {"heldout": HELD_OUT, "dev": DEV}
 
 
-# ---- Muon + AdamW baseline -----------------------------------------------------------------------------
-
-
-def _newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's Newton–Schulz, the same iteration, in fp32 instead of bf16 (CPUs here have no bf16
-    matrix units: bf16 made Muon ≈ 5× slower per step on MiniLM; fp32 is at least as accurate)."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    transpose = x.size(0) > x.size(1)
-    if transpose:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if transpose else x).to(grad.dtype)
-
-
-if not torch.cuda.is_available():
-    import torch.optim._muon as _muon
-
-    _muon._zeropower_via_newtonschulz = _newton_schulz_fp32
-
-
-class MuonAdamW:
-    """``torch.optim.Muon`` (match_rms_adamw) on ``matrices`` (2-D leaves) + ``torch.optim.AdamW`` on ``others``,
-    same lr and weight decay; stepped together like one optimizer."""
-
-    def __init__(self, matrices: list[torch.Tensor], others: list[torch.Tensor], lr: float) -> None:
-        self.parts: list[torch.optim.Optimizer] = []
-        if matrices:
-            self.parts.append(torch.optim.Muon(matrices, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw"))
-        if others:
-            self.parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=WEIGHT_DECAY))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for part in self.parts:
-            part.step()
-
-
 # ---- stacked tasks (seeds as copies) ------------------------------------------------------------------
 
 
@@ -324,7 +281,7 @@ def run_stacked(task: T.Task, optimizer: str, value: Any, steps: int, eval_every
             return {k: stacked[k] if k in stacked else torch.stack(per_seed[k]).view(params[k].shape) for k in params}
 
         if optimizer == "muon":
-            opt = MuonAdamW([leaf for leaves in per_seed.values() for leaf in leaves], list(stacked.values()), value)
+            opt = muon_baseline.MuonAdamW([leaf for leaves in per_seed.values() for leaf in leaves], list(stacked.values()), value)
         else:
             opt = torch.optim.AdamW(stacked.values(), lr=value, weight_decay=WEIGHT_DECAY)
         for step in range(steps):
@@ -364,7 +321,7 @@ def run_module(task: HT.ModuleTask, optimizer: str, value: Any, steps: int, eval
     elif optimizer == "muon":
         roles = model_roles(task.model)
         to_muon = [roles[n] in MUON_ROLES and p.dim() == 2 for n, p in named]
-        opt = MuonAdamW([p for (_, p), m in zip(named, to_muon) if m], [p for (_, p), m in zip(named, to_muon) if not m], value)
+        opt = muon_baseline.MuonAdamW([p for (_, p), m in zip(named, to_muon) if m], [p for (_, p), m in zip(named, to_muon) if not m], value)
     else:
         opt, scheduler = Bundle(task.model, value).optimizer(state_dtype=state_dtype)
         rule_lr = float(opt.param_groups[0]["lr"])

@@ -13,8 +13,10 @@ for the shipped default, or ``--backends``; on CUDA the fused Triton kernels, an
 them so that load from other processes hits all alike, and reports medians. For rules that orthogonalize
 matrices it also reports the time spent in Newton–Schulz inside the learned steps and, on the same tensors, the
 batched iteration alone (``NS ms in step (alone)``: one
-`reference.newton_schulz` per group of same-shaped matrices, as the fused back end runs it) and
-``torch.optim.Muon``'s step on the mix's matrices (its Newton–Schulz is the same cost).
+`reference.newton_schulz` per group of same-shaped matrices, as the fused back end runs it), NS's share of the
+learned step, and the step of the Muon optimizer the rule generalizes on the same mix: ``torch.optim.Muon``
+(``adjust_lr_fn="match_rms_adamw"``, Newton–Schulz in fp32 like the rule's: benchmarks/muon_baseline.py) on the
+hidden matrices (the tensors the rule orthogonalizes) and ``torch.optim.AdamW`` (foreach) on the rest.
 
 Peak extra memory of a step: the rise of the process's peak RSS over its RSS before the step
 (``/proc/self/clear_refs`` resets the peak; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed large
@@ -44,7 +46,10 @@ import torch
 from optbundle import LearnedOptimizer, load_rule
 from optbundle.step import fused_step, reference, vocabulary
 from optbundle.step import optimizer as O
-from optbundle.step.roles import is_orthogonalized
+from optbundle.step.roles import assign_roles, is_orthogonalized
+
+sys.path.append(str(Path(__file__).resolve().parent))  # run as a script it is already there
+from muon_baseline import MUON_ROLES, MuonAdamW  # noqa: E402  (also: Muon's Newton–Schulz in fp32 on CPU)
 
 CPU_SIZES = [1_000_000, 10_000_000, 50_000_000]
 CUDA_SIZES = [1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
@@ -204,10 +209,11 @@ def bench_case(mix, target, rule, device, dtype, backends, repeats, warmup, muon
     for name, kwargs in (("adamw", dict(foreach=True)), ("adamw_fused", dict(fused=True))):
         params = make_params(shapes, device, dtype)
         baselines[name] = (params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **kwargs))
-    matrices = [s for s in shapes if len(s) == 2]
-    if muon and matrices and hasattr(torch.optim, "Muon"):
-        params = make_params(matrices, device, dtype)
-        baselines["muon"] = (params, torch.optim.Muon(params, lr=0.02, weight_decay=0.01))
+    hidden = [role in MUON_ROLES and len(s) == 2 for s, role in zip(shapes, assign_roles([(None, s) for s in shapes]))]
+    if muon and any(hidden) and hasattr(torch.optim, "Muon"):
+        params = make_params(shapes, device, dtype)
+        baselines["muon"] = (params, MuonAdamW([p for p, h in zip(params, hidden) if h],
+                                               [p for p, h in zip(params, hidden) if not h], lr=0.02, foreach=True))
     learned = {}
     for backend in backends:
         params = make_params(shapes, device, dtype)
@@ -285,21 +291,24 @@ def _mb(b) -> str:
 def table(rows, copy_bw, rule_name, device) -> str:
     lines = [
         f"| mix | tensors | params | AdamW foreach ms | AdamW fused ms | learned ({rule_name}) | ms | × foreach | "
-        "× fused | NS ms in step (alone) | learned − NS ms (× foreach) | Muon ms | learned GB/s (% copy) | "
-        "state B/param learned · AdamW | peak extra learned · AdamW |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "× fused | NS ms in step (alone) | NS share | learned − NS ms (× foreach) | Muon+AdamW ms | × Muon | "
+        "learned GB/s (% copy) | state B/param learned · AdamW | peak extra learned · AdamW |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         for backend, res in row["learned"].items():
             bw = res["bytes"] / res["s"]
-            rest, ns = "–", row["ns_s"]
+            rest, ns, share = "–", row["ns_s"], "–"
             if res["ns_s"]:  # measured inside the learned steps themselves
                 ns = res["ns_s"]
                 rest = f"{(res['s'] - ns) * 1e3:.1f} ({(res['s'] - ns) / row['adamw_s']:.2f})"
+                share = f"{100 * ns / res['s']:.0f}%"
+            versus_muon = "–" if row["muon_s"] is None else f"{res['s'] / row['muon_s']:.2f}"
             lines.append(
                 f"| {row['mix']} | {row['tensors']} | {row['params'] / 1e6:.1f}M | {_ms(row['adamw_s'])} | "
                 f"{_ms(row['adamw_fused_s'])} | {backend} | {_ms(res['s'])} | **{res['s'] / row['adamw_s']:.2f}** | "
-                f"{res['s'] / row['adamw_fused_s']:.2f} | {_ms(ns)} ({_ms(row['ns_s'])}) | {rest} | {_ms(row['muon_s'])} | "
+                f"{res['s'] / row['adamw_fused_s']:.2f} | {_ms(ns)} ({_ms(row['ns_s'])}) | {share} | {rest} | {_ms(row['muon_s'])} | "
+                f"{versus_muon} | "
                 f"{bw / 1e9:.1f} ({100 * bw / copy_bw:.0f}%) | {res['state']:.1f} · {row['adamw_state']:.1f} | "
                 f"{_mb(res['peak'])} · {_mb(row['adamw_peak'])} |"
             )
@@ -340,7 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the markdown report here (default outputs/step_speed_<device>.md)")
     parser.add_argument("--backends", nargs="+", choices=O.BACKENDS, help="learned back ends to time (default: the "
                         "one OPTBUNDLE_BACKEND would pick on CPU, fused for the shipped default; triton on CUDA)")
-    parser.add_argument("--no-muon", action="store_true", help="skip torch.optim.Muon")
+    parser.add_argument("--no-muon", action="store_true", help="skip the Muon (+ AdamW) baseline")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -388,7 +397,7 @@ def main(argv=None) -> int:
                         f"  {rule_name} {mix} {row['params'] / 1e6:.1f}M {backend}: {res['s'] * 1e3:.1f} ms "
                         f"(first step {res['first_s'] * 1e3:.0f} ms, skipped {res['skipped']}) vs AdamW "
                         f"{row['adamw_s'] * 1e3:.1f} ms (fused {row['adamw_fused_s'] * 1e3:.1f}), NS {_ms(row['ns_s'])} ms, "
-                        f"Muon {_ms(row['muon_s'])} ms",
+                        f"Muon+AdamW {_ms(row['muon_s'])} ms",
                         flush=True,
                     )
         text = table(rows, copy_bw, rule_name, device)

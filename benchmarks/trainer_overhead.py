@@ -9,8 +9,11 @@ and the optimizer's share falls ("optimizer dilution": C_opt / C_grad → 0).
 
 Writes the markdown table to ``--out`` (default ``outputs/trainer_overhead.md``, outside the tracked tree) and
 the plot next to it (``.png``). AdamW is Trainer's default optimizer (``adamw_torch_fused`` with this
-transformers); the learned one is the shipped default rule on the default CPU back end (``fused`` for its
-large tensors: `optbundle.fused_step`; its first step includes the compile, and is not in the median).
+transformers); the learned one is the shipped default rule on the default CPU back end (``fused``:
+`optbundle.step.fused_step`; its first step includes the compile, and is not in the median). Muon is the
+optimizer the rule generalizes, passed as ``Trainer(optimizers=(muon, None))``: ``torch.optim.Muon``
+(``match_rms_adamw``, Newton–Schulz in fp32) on the hidden matrices and fused AdamW on the rest
+(benchmarks/muon_baseline.py), so the learned step's overhead is stated against both.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from optbundle import Bundle, load_rule
 from optbundle.apps.finetune import DataArguments, ModelArguments, build_datasets, load_model, load_tokenizer
+
+sys.path.append(str(Path(__file__).resolve().parent))  # run as a script it is already there
+import muon_baseline  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -62,6 +68,8 @@ def measure(model_args: ModelArguments, data_args: DataArguments, batch: int, st
     kwargs = {}
     if optimizer == "learned":
         kwargs["optimizers"] = Bundle(model, load_rule("default")).optimizer(lr=0.05)
+    elif optimizer == "muon":
+        kwargs["optimizers"] = (muon_baseline.for_model(model, lr=args.learning_rate, fused=True), None)
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer], **kwargs)
     trainer.train()
@@ -93,28 +101,30 @@ def main() -> None:
         trainable = None
         for batch in batches:
             result = {}
-            for optimizer in ("adamw", "learned"):
+            for optimizer in ("adamw", "muon", "learned"):
                 result[optimizer] = measure(model_args, data_args, batch, steps, optimizer)
             if trainable is None:
                 m = load_model(model_args, 0, load_tokenizer(model_args))
                 trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-            (a_step, a_opt), (l_step, l_opt) = result["adamw"], result["learned"]
+            (a_step, a_opt), (m_step, m_opt), (l_step, l_opt) = result["adamw"], result["muon"], result["learned"]
             rows.append(dict(model=name, trainable=trainable, batch=batch, adamw_step=a_step, adamw_opt=a_opt,
-                             learned_step=l_step, learned_opt=l_opt))
+                             muon_step=m_step, muon_opt=m_opt, learned_step=l_step, learned_opt=l_opt))
             print(rows[-1], flush=True)
     lines = [
         f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {2}..{steps} "
         f"(AdamW: Trainer's default, {TrainingArguments('outputs/overhead', use_cpu=True).optim.value}); "
         "`python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:]) + "` (machine shared with other jobs).",
         "",
-        "| model | trainable params | batch | AdamW step s | learned step s | overhead | AdamW opt s | learned opt s | learned opt share of step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | trainable params | batch | AdamW step s | Muon+AdamW step s | learned step s | overhead vs AdamW | "
+        "overhead vs Muon | AdamW opt s | Muon+AdamW opt s | learned opt s | learned opt share of step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        overhead = r["learned_step"] / r["adamw_step"] - 1
+        overhead, versus_muon = r["learned_step"] / r["adamw_step"] - 1, r["learned_step"] / r["muon_step"] - 1
         lines.append(
-            f"| {r['model']} | {r['trainable'] / 1e6:.2f}M | {r['batch']} | {r['adamw_step']:.3f} | {r['learned_step']:.3f} | "
-            f"{overhead * 100:+.0f}% | {r['adamw_opt']:.3f} | {r['learned_opt']:.3f} | {r['learned_opt'] / r['learned_step'] * 100:.0f}% |"
+            f"| {r['model']} | {r['trainable'] / 1e6:.2f}M | {r['batch']} | {r['adamw_step']:.3f} | {r['muon_step']:.3f} | "
+            f"{r['learned_step']:.3f} | {overhead * 100:+.0f}% | {versus_muon * 100:+.0f}% | {r['adamw_opt']:.3f} | "
+            f"{r['muon_opt']:.3f} | {r['learned_opt']:.3f} | {r['learned_opt'] / r['learned_step'] * 100:.0f}% |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
@@ -128,6 +138,7 @@ def main() -> None:
     for name in args.models:
         sub = [r for r in rows if r["model"] == name]
         ax.plot([r["batch"] for r in sub], [r["learned_opt"] / r["learned_step"] for r in sub], "o-", label=f"{name} learned")
+        ax.plot([r["batch"] for r in sub], [r["muon_opt"] / r["muon_step"] for r in sub], "^:", label=f"{name} Muon+AdamW")
         ax.plot([r["batch"] for r in sub], [r["adamw_opt"] / r["adamw_step"] for r in sub], "s--", label=f"{name} AdamW")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")

@@ -1,9 +1,13 @@
-"""Fused CPU back end of the learned step: `reference.learned_update`'s math as one `torch.compile`d call per tensor.
+"""Fused CPU back end of the learned step: `reference.learned_update`'s math as `torch.compile`d calls.
 
 For format-2 rules whose features are elementwise (grad, param, momenta, second moment, their ratios, Adam's
 direction, time; no factored statistics) and whose output is ``hybrid_residual`` or ``adam_residual``, which
-includes the shipped default. Per tensor (flattened; shapes are dynamic, so one compile per rule, step form and
-parameter dtype serves every size), one call that inductor turns into one C++ loop nest:
+includes the shipped default. One kernel steps ``B`` tensors of ``n`` elements each, as rows of ``(B, n)``
+arguments (rows never mix: per-row normalizers, lr, role and width multipliers, proof); shapes are dynamic, so
+a few compiles per rule, step form and parameter dtype (``B = 1`` and ``B ≥ 2``; dynamo specializes size 1)
+serve every size. Tensors are grouped by form, shape (matrices) or size (elementwise form) and dtype; a group's
+tensors below `STACK_BELOW` elements are stacked into one call (their rows copied in and back: cheaper than a
+call's fixed cost), larger ones get one call each on views of their own storage. Each call is one C++ loop nest:
 
 1. **reduce** (writes nothing): the new momenta and second moment, every feature's Σx², the look-ahead's Σx²
    (orthogonalized tensors), φ's first layer with the normalizers and the time features folded in, and a
@@ -12,16 +16,17 @@ parameter dtype serves every size), one call that inductor turns into one C++ lo
    form; writes accumulators, step count and parameter in place, each write keeping the old value unless the
    proof holds. No feature column is written to memory. For orthogonalized matrices it writes the
    Newton–Schulz input ``unit(look-ahead) + direction`` instead and returns φ's mean magnitude; same-shaped
-   matrices are then orthogonalized together (one batched `reference.newton_schulz`) and the parameter updated.
+   matrices are then orthogonalized together (one batched `reference.newton_schulz`) and the parameters updated.
 
 A tensor the proof does not cover (non-finite or huge gradient or parameter, a step that could overflow) is
-left untouched and handed back, as are tensors it does not take (< 2 elements, non-contiguous, not CPU); the
-caller steps those with the reference back end, which skips and counts non-finite ones exactly as before. When
-compilation fails the reason is logged once and every tensor is handed back. Inductor caches compiled code on
-disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir), so later processes skip most of the compile.
+left untouched (a stacked one: its row is not copied back) and handed back, as are tensors it does not take
+(< 2 elements, non-contiguous, not CPU); the caller steps those with the reference back end, which skips and
+counts non-finite ones exactly as before. When compilation fails the reason is logged once and every tensor is
+handed back. Inductor caches compiled code on disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir),
+so later processes skip most of the compile.
 
 Results agree with `reference.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
-tests/test_fused_step.py.
+tests/step/test_fused_step.py.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ _FEATURES = frozenset({
 #: On CPU the fused path is the default for tensors of at least this many elements (smaller ones: the
 #: reference, whose cost per tensor is below a compile); ``OPTBUNDLE_BACKEND=fused`` takes every tensor.
 DEFAULT_MIN_NUMEL = 1 << 14
+#: Tensors of a group (same form, shape or size, dtype) below this many elements are stacked and stepped by one
+#: call (copying them costs less than a call's fixed overhead, ≈ 0.1 ms); larger ones get a call each, on views.
+STACK_BELOW = 1 << 14
 #: Whether kernels go through `torch.compile` (tests set False to check the same math eagerly).
 COMPILE = True
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -107,7 +115,8 @@ def _accumulators(c: RuleConfig, g: torch.Tensor, m: Sequence[torch.Tensor], v: 
 
 
 def _features(c: RuleConfig, p32, g, momenta, v_new, bc1, bc2):
-    """Non-time feature columns (each 1-D) in φ's input order; ``bc1``, ``bc2``: Adam's bias corrections."""
+    """Non-time feature columns (each ``(B, n)``) in φ's input order; ``bc1``, ``bc2``: Adam's bias corrections
+    (``(B, 1)``)."""
     columns = []
     rsqrt_v = torch.rsqrt(v_new + c.second_moment_eps)
     for name in c.features:
@@ -138,9 +147,10 @@ def _lookahead(c: RuleConfig, momenta, g):
 
 
 def _phi(c: RuleConfig, columns, w, b, rest):
-    """φ unrolled over its (few) units: each hidden/output unit is a weighted sum of 1-D columns."""
+    """φ unrolled over its (few) units: each hidden/output unit is a weighted sum of ``(B, n)`` columns; the first
+    layer ``w`` (``(B, H, F)``), ``b`` (``(B, H)``) has one row per tensor (its normalizers are folded in)."""
     activation = ACTIVATION_FUNCTIONS[c.activation]
-    hidden = [sum(w[h, f] * x for f, x in enumerate(columns)) + b[h] for h in range(w.shape[0])]
+    hidden = [sum(w[:, h, f, None] * x for f, x in enumerate(columns)) + b[:, h, None] for h in range(w.shape[1])]
     for w_l, b_l in rest:
         hidden = [activation(x) for x in hidden]
         hidden = [sum(w_l[o, i] * x for i, x in enumerate(hidden)) + b_l[o] for o in range(w_l.shape[0])]
@@ -153,45 +163,50 @@ _OK, _LR, _BC1, _BC2, _UNIT, _SCALARS = range(6)
 
 
 def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
-    """Pass 1 (writes nothing): the plan of this tensor's step, ``[Σx² per feature, proof (1 = the step is surely
-    finite), lr (with the schedule), Adam's bias corrections, 1/RMS(look-ahead), folded first layer]``.
+    """Pass 1 (writes nothing): the plan of each row's step, ``[Σx² per feature, proof (1 = the step is surely
+    finite), lr (with the schedule), Adam's bias corrections, 1/RMS(look-ahead), folded first layer]`` (one row
+    of the ``(B, P)`` result per tensor).
 
-    ``hyper = [lr · role factor, weight decay, step multiplier]``; ``rest``: the K momenta (1-D each), then φ's
-    weights and biases."""
+    Every tensor argument has one row per parameter tensor: ``p``, ``g``, ``v`` and the K momenta in ``rest``
+    are ``(B, n)``, ``step`` is ``(B,)``, ``hyper`` is ``(B, 3)``: ``[lr · role factor, weight decay, step
+    multiplier]``; after the momenta, ``rest`` holds φ's weights and biases. Rows never mix."""
     c = spec.config
     m, weights = _split(c, rest)
     p32, g = p.to(torch.float32), g.to(torch.float32)
     t0 = step.to(torch.float32)
-    lr = hyper[0] * torch.rsqrt(1.0 + t0 / c.schedule_steps) if c.schedule == "inverse_sqrt" else hyper[0]
+    lr = hyper[:, 0] * torch.rsqrt(1.0 + t0 / c.schedule_steps) if c.schedule == "inverse_sqrt" else hyper[:, 0]
     bc1, bc2 = bias_corrections(c, t0 + 1)
     momenta, v_new = _accumulators(c, g, m, v)
-    columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
-    sums = torch.stack([(x * x).sum() for x in columns])
+    columns = _features(c, p32, g, momenta, v_new, bc1[:, None], bc2[:, None])
+    sums = torch.stack([(x * x).sum(-1) for x in columns], dim=-1)  # (B, F)
     maxima = torch.sqrt(sums)  # max|x| ≤ √Σx²: a looser bound than max|x| but free
-    numel = p.numel()
+    numel = p.shape[-1]
     lookahead = _lookahead(c, momenta, g)
-    unit = torch.rsqrt((lookahead * lookahead).sum() / numel + RMS_EPS)
+    unit = torch.rsqrt((lookahead * lookahead).sum(-1) / numel + RMS_EPS)
     # φ's first layer with the normalizers and the time features folded in (as `features.apply_network`)
     w1, b1 = weights[0]
     n_plain = len(columns)
-    w = w1[:, :n_plain] * torch.rsqrt(c.normalization_eps + sums / numel)
+    w = w1[:, :n_plain] * torch.rsqrt(c.normalization_eps + sums / numel)[:, None, :]  # (B, H, F)
     if c.num_time_inputs:
-        b1 = b1 + w1[:, n_plain:] @ torch.tanh(t0 / torch.tensor(c.time_scales, dtype=torch.float32) - 1.0)
+        times = torch.tanh(t0[:, None] / torch.tensor(c.time_scales, dtype=torch.float32) - 1.0)
+        b1 = b1 + times @ w1[:, n_plain:].T  # (B, H)
+    else:
+        b1 = b1.expand(p.shape[0], -1)
     # the proof: |hidden| ≤ |W|·max|x| + |b| layer by layer (|act(x)| ≤ |x| for every activation offered)
-    bound = w.abs() @ maxima + b1.abs()
+    bound = (w.abs() * maxima[:, None, :]).sum(-1) + b1.abs()
     for w_l, b_l in weights[1:]:
-        bound = w_l.abs() @ bound + b_l.abs()
-    scale = math.exp(c.magnitude_bound) * c.step_mult * hyper[2]
+        bound = bound @ w_l.abs().T + b_l.abs()
+    scale = math.exp(c.magnitude_bound) * c.step_mult * hyper[:, 2]
     if spec.orthogonal:
         step_max = scale * c.matrix_rms * math.sqrt(numel)
     else:
-        adam = _adam(c, momenta, v_new, bc1, bc2)
-        step_max = scale * (torch.sqrt((adam * adam).sum()) + bound[0])
-    new_max = p32.abs().amax() * (1 + lr * c.step_mult * hyper[1]) + lr * step_max  # (fp16: √Σp² too loose)
+        adam = _adam(c, momenta, v_new, bc1[:, None], bc2[:, None])
+        step_max = scale * (torch.sqrt((adam * adam).sum(-1)) + bound[:, 0])
+    new_max = p32.abs().amax(-1) * (1 + lr * c.step_mult * hyper[:, 1]) + lr * step_max  # (fp16: √Σp² too loose)
     limit = 0.25 * torch.finfo(p.dtype if p.dtype != torch.float64 else torch.float32).max
-    ok = (new_max < limit) & ((g * g).sum() < limit) & (bound.amax() < 1e30) & torch.isfinite(sums).all()
-    scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit])
-    return torch.cat([sums, scalars, w.reshape(-1), b1])
+    ok = (new_max < limit) & ((g * g).sum(-1) < limit) & (bound.amax(-1) < 1e30) & torch.isfinite(sums).all(-1)
+    scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit], dim=-1)
+    return torch.cat([sums, scalars, w.flatten(1), b1], dim=-1)
 
 
 def _split(c: RuleConfig, rest):
@@ -208,44 +223,46 @@ def _write_param(p, p32, new32):
 
 
 def _step(spec: _Spec, p, g, v, step, hyper, out, *rest):
-    """Both passes in one compiled call (inductor emits the reduction loop, then the apply loop). Every write
-    keeps the old value unless the plan's proof holds, so an unproved tensor is left exactly as it was.
-    Returns ``[proof, mean φ magnitude, lr of this step]``."""
+    """Both passes in one compiled call (inductor emits the reduction loop, then the apply loop), for ``B`` rows
+    (tensors) at once. Every write keeps the old value unless the row's proof holds, so an unproved tensor is
+    left exactly as it was. Returns ``(B, 3)``: ``[proof, mean φ magnitude, lr of this step]`` per row."""
     plan = _reduce(spec, p, g, v, step, hyper, *rest)
     n_plain = spec.config.num_inputs - spec.config.num_time_inputs
-    ok = plan[n_plain + _OK] > 0
-    return torch.cat([plan[n_plain + _OK:][:1], _apply(spec, p, g, v, step, hyper, plan, out, ok, *rest)])
+    ok = plan[:, n_plain + _OK: n_plain + _OK + 1] > 0
+    return torch.cat([plan[:, n_plain + _OK: n_plain + _OK + 1], _apply(spec, p, g, v, step, hyper, plan, out, ok, *rest)],
+                     dim=-1)
 
 
 def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, ok, *rest):
     """Pass 2: writes momenta, second moment, step and the parameter (elementwise form) or the Newton–Schulz
-    input ``out`` (orthogonalized form), each only where ``ok``. Returns ``[mean φ magnitude, lr of this step]``."""
+    input ``out`` (orthogonalized form), each only in rows where ``ok`` (``(B, 1)``). Returns ``(B, 2)``:
+    ``[mean φ magnitude, lr of this step]`` per row."""
     c = spec.config
     m, weights = _split(c, rest)
     p32, g = p.to(torch.float32), g.to(torch.float32)
     n_plain = c.num_inputs - c.num_time_inputs
-    scalars = plan[n_plain: n_plain + _SCALARS]
-    lr, bc1, bc2 = scalars[_LR], scalars[_BC1], scalars[_BC2]
+    scalars = plan[:, n_plain: n_plain + _SCALARS]
+    lr, bc1, bc2 = scalars[:, _LR, None], scalars[:, _BC1, None], scalars[:, _BC2, None]
     hidden = weights[0][0].shape[0]
-    w = plan[n_plain + _SCALARS: n_plain + _SCALARS + hidden * n_plain].view(hidden, n_plain)
-    b = plan[n_plain + _SCALARS + hidden * n_plain:]
+    w = plan[:, n_plain + _SCALARS: n_plain + _SCALARS + hidden * n_plain].reshape(-1, hidden, n_plain)
+    b = plan[:, n_plain + _SCALARS + hidden * n_plain:]
     momenta, v_new = _accumulators(c, g, m, v)
     columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
     direction, magnitude = _phi(c, columns, w, b, weights[1:])
     if spec.orthogonal:
-        out.copy_(torch.where(ok, _lookahead(c, momenta, g) * scalars[_UNIT] + direction, 0.0))
-        mean_magnitude = magnitude.sum() / p.numel()
+        out.copy_(torch.where(ok, _lookahead(c, momenta, g) * scalars[:, _UNIT, None] + direction, 0.0))
+        mean_magnitude = magnitude.sum(-1) / p.shape[-1]
     else:
         scale = torch.exp(c.magnitude_bound * torch.tanh(magnitude))
-        u = c.step_mult * scale * (_adam(c, momenta, v_new, bc1, bc2) + direction) * hyper[2]
-        new32 = p32 - lr * u - lr * (c.step_mult * hyper[1]) * p32
+        u = c.step_mult * scale * (_adam(c, momenta, v_new, bc1, bc2) + direction) * hyper[:, 2:3]
+        new32 = p32 - lr * u - lr * (c.step_mult * hyper[:, 1:2]) * p32
         _write_param(p, p32, torch.where(ok, new32, p32))
-        mean_magnitude = magnitude.new_zeros(())
-    for m_k, new in zip(m, momenta):  # one 1-D tensor per momentum: written in place, no staging copy
+        mean_magnitude = lr.new_zeros(lr.shape[0])
+    for m_k, new in zip(m, momenta):  # one (B, n) tensor per momentum: written in place, no staging copy
         m_k.copy_(torch.where(ok, new, m_k))
     v.copy_(torch.where(ok, v_new, v))
-    step.add_(ok.to(step.dtype))
-    return torch.stack([mean_magnitude, lr])
+    step.add_(ok[:, 0].to(step.dtype))
+    return torch.stack([mean_magnitude, lr[:, 0]], dim=-1)
 
 
 # ---- compiled kernels ---------------------------------------------------------------------------------
@@ -313,62 +330,123 @@ def fused_step_(
 ) -> list[torch.Tensor]:
     """Step ``params`` (CPU, gradients in ``.grad``, states initialized, all supported) in place.
 
-    Returns the parameters it did not step (not provably finite, or compilation failed); the caller steps
-    those with the reference back end, which skips and counts non-finite ones.
+    Tensors of one form, shape (matrices) or size (elementwise form) and dtype make a group; a group's tensors
+    below `STACK_BELOW` elements are stacked and stepped by one call, larger ones by one call each on views of
+    their own storage. Returns the parameters it did not step (not provably finite, or compilation failed); the
+    caller steps those with the reference back end, which skips and counts non-finite ones.
     """
     flat_weights = [t for layer in weights for t in layer]
-    rest: list[torch.Tensor] = []
     adaptive = config.lr_adaptation != "none"
-    log_scales: dict[int, torch.Tensor] = {}
-    matrices: dict[tuple[int, int], list] = {}  # (rows, cols) → [(param, hyper, args, tail)]
+    groups: dict[tuple, list[_Member]] = {}
     for param, state, role in zip(params, states, roles):
         shape = tuple(param.shape)
-        spec = _Spec(config, config.output == "hybrid_residual" and is_orthogonalized(config, role, shape))
+        orthogonal = config.output == "hybrid_residual" and is_orthogonalized(config, role, shape)
         multiplier = step_multiplier(config, role, shape) if config.output == "hybrid_residual" else 1.0
-        tensor_lr = lr * regime_lr_factor(config, role, regime)
+        tensor_lr, log_scale = lr * regime_lr_factor(config, role, regime), None
         if adaptive:  # the new lr multiplier reads the momentum before this step; kept only if the step is taken
-            log_scales[id(param)] = reference.adapted_lr_log_scale(config, param.grad, state)
-            tensor_lr *= math.exp(float(log_scales[id(param)]))
-        hyper = torch.tensor([tensor_lr, weight_decay, multiplier])
-        momenta = _flat(state["momentum"], state["momentum"].shape[0], -1)
-        args = (_flat(param, -1), _flat(param.grad, -1), _flat(state["second_moment"], -1), state["step"], hyper)
-        tail = (*(m.detach() for m in momenta.unbind(0)), *flat_weights)
-        if not spec.orthogonal:
-            info = _call("step", spec, *args, _UNUSED, *tail)
-            if info is None or info[0].item() != 1.0:
-                rest.append(param)
-            elif adaptive:
-                state["lr_log_scale"].copy_(log_scales[id(param)])
-            continue
-        rows = param.shape[0]
-        group = matrices.setdefault((rows, param.numel() // rows), [])
-        group.append((param, hyper, args, tail, state))
-    for (rows, cols), group in matrices.items():
-        batch = torch.empty((len(group), rows, cols))
-        done = []
-        for index, (param, hyper, args, tail, state) in enumerate(group):
-            spec = _Spec(config, True)
-            info = _call("step", spec, *args, _flat(batch[index], -1), *tail)
-            if info is None or info[0].item() != 1.0:
-                rest.append(param)
-            else:
-                done.append((index, param, hyper, info[1:]))
-                if adaptive:
-                    state["lr_log_scale"].copy_(log_scales[id(param)])
-        if not done:
-            continue
-        start = time.perf_counter()
-        ortho = reference.newton_schulz(batch[[i for i, *_ in done]] if len(done) < len(group) else batch, config)
-        NEWTON_SCHULZ_SECONDS[0] += time.perf_counter() - start
-        for o, (_, param, hyper, info) in zip(ortho, done):
-            mean_magnitude, step_lr = float(info[0]), float(info[1])
-            multiplier = float(hyper[2])
-            rms = float(torch.linalg.vector_norm(o)) / math.sqrt(o.numel())
-            coefficient = (step_lr * config.step_mult * math.exp(config.magnitude_bound * math.tanh(mean_magnitude))
-                           * multiplier * config.matrix_rms / math.sqrt(rms * rms + RMS_EPS))
-            decay = step_lr * config.step_mult * float(hyper[1])
-            _apply_matrix(param, o.view(param.shape), coefficient, decay)
+            log_scale = reference.adapted_lr_log_scale(config, param.grad, state)
+            tensor_lr *= math.exp(float(log_scale))
+        rows = shape[0] if orthogonal else 1
+        key = (orthogonal, rows, param.numel() // rows, param.dtype, param.grad.dtype)
+        groups.setdefault(key, []).append(_Member(param, state, (tensor_lr, weight_decay, multiplier), log_scale))
+    rest: list[torch.Tensor] = []
+    for (orthogonal, rows, cols, *_), members in groups.items():
+        spec = _Spec(config, orthogonal)
+        stacked = [m for m in members if m.param.numel() < STACK_BELOW]
+        if len(stacked) < 2:
+            stacked = []
+        members = stacked + [m for m in members if m.param.numel() >= STACK_BELOW or not stacked]
+        batch = torch.empty((len(members), rows, cols)) if orthogonal else None  # the Newton–Schulz inputs
+        done: list[int] = []  # indices into members of the tensors stepped (orthogonalized: up to the update)
+        if stacked:
+            out = _flat(batch[: len(stacked)], len(stacked), -1) if orthogonal else _UNUSED
+            done += _step_stacked(spec, stacked, out, flat_weights)
+        for index in range(len(stacked), len(members)):
+            member = members[index]
+            out = _flat(batch[index], 1, -1) if orthogonal else _UNUSED
+            info = _call("step", spec, *_own_rows(member), torch.tensor([member.hyper]), out,
+                         *_own_momenta(config, member), *flat_weights)
+            if info is not None and info[0, 0].item() == 1.0:
+                member.info = info[0, 1:]
+                done.append(index)
+        if adaptive:
+            for index in done:
+                members[index].state["lr_log_scale"].copy_(members[index].log_scale)
+        if len(done) < len(members):
+            stepped = set(done)
+            rest += [m.param for i, m in enumerate(members) if i not in stepped]
+        if orthogonal and done:
+            _orthogonalized_update(config, [members[i] for i in done], batch if len(done) == len(members) else batch[done])
     return rest
+
+
+@dataclass
+class _Member:
+    """One tensor of a group: its parameter, state, ``hyper`` row (see `_reduce`; its lr includes the adapted
+    multiplier), and, once stepped, ``info``:
+    ``[mean φ magnitude, lr of this step]``."""
+
+    param: torch.Tensor
+    state: dict[str, torch.Tensor]
+    hyper: tuple[float, float, float]
+    #: the tensor's new ``lr_log_scale`` (rules with ``lr_adaptation``), written when the step is taken
+    log_scale: torch.Tensor | None = None
+    info: torch.Tensor | None = None
+
+
+def _own_rows(member: _Member) -> list[torch.Tensor]:
+    """``p, g, v, step`` of one tensor as one-row views of its own storage (no copy)."""
+    state = member.state
+    return [_flat(member.param, 1, -1), _flat(member.param.grad, 1, -1), _flat(state["second_moment"], 1, -1),
+            _flat(state["step"], 1)]
+
+
+def _own_momenta(config: RuleConfig, member: _Member) -> list[torch.Tensor]:
+    momenta = _flat(member.state["momentum"], len(config.momentum_decays), 1, -1)
+    return [m.detach() for m in momenta.unbind(0)]
+
+
+def _step_stacked(spec: _Spec, members: list[_Member], out: torch.Tensor, flat_weights) -> list[int]:
+    """Step same-sized small tensors with one call on stacked copies of their ``p, g, v, step`` and momenta,
+    then copy back the rows of the tensors it stepped. Returns their indices in ``members``."""
+    k = len(spec.config.momentum_decays)
+    states = [m.state for m in members]
+    own = [  # the destinations, one list per argument, each tensor viewed as its row
+        [m.param.view(-1) for m in members], [m.param.grad.view(-1) for m in members],
+        [s["second_moment"].view(-1) for s in states], [s["step"] for s in states],
+        *([s["momentum"][j].view(-1) for s in states] for j in range(k)),
+    ]
+    rows = [torch.stack(tensors) for tensors in own]
+    info = _call("step", spec, *rows[:4], torch.tensor([m.hyper for m in members]), out, *rows[4:], *flat_weights)
+    if info is None:
+        return []
+    stepped = [i for i, ok in enumerate(info[:, 0].tolist()) if ok == 1.0]
+    written = [0, 2, 3, *range(4, 4 + k)] if not spec.orthogonal else [2, 3, *range(4, 4 + k)]
+    destinations = [own[a][i] for a in written for i in stepped]
+    if destinations:
+        torch._foreach_copy_(destinations, [rows[a][i] for a in written for i in stepped])
+    for i in stepped:
+        members[i].info = info[i, 1:]
+    return stepped
+
+
+def _orthogonalized_update(config: RuleConfig, members: list[_Member], batch: torch.Tensor) -> None:
+    """Orthogonalize the stepped matrices' Newton–Schulz inputs ``batch`` (one batched iteration) and update
+    the parameters: ``p ← p − decay · p − coefficient · o`` with φ's per-tensor magnitude and RMS 1 (× lr ·
+    matrix_rms · multiplier)."""
+    start = time.perf_counter()
+    ortho = reference.newton_schulz(batch, config)
+    NEWTON_SCHULZ_SECONDS[0] += time.perf_counter() - start
+    norms = torch.linalg.vector_norm(ortho.flatten(1), dim=1).tolist()
+    numel = ortho[0].numel()
+    for o, norm, member in zip(ortho, norms, members):
+        mean_magnitude, step_lr = member.info.tolist()
+        multiplier = member.hyper[2]
+        rms = norm / math.sqrt(numel)
+        coefficient = (step_lr * config.step_mult * math.exp(config.magnitude_bound * math.tanh(mean_magnitude))
+                       * multiplier * config.matrix_rms / math.sqrt(rms * rms + RMS_EPS))
+        decay = step_lr * config.step_mult * member.hyper[1]
+        _apply_matrix(member.param, o.view(member.param.shape), coefficient, decay)
 
 
 def _apply_matrix(param: torch.Tensor, o: torch.Tensor, coefficient: float, decay: float) -> None:

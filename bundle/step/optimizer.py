@@ -11,8 +11,9 @@ Back ends, chosen per parameter group and device at every step (`select_backend`
   interpreter mode (``TRITON_INTERPRET=1`` set before the kernels are imported), which is for tests.
 - ``torch``: `fast_step.learned_step_`, the chunked in-place torch path; the default everywhere else.
 - ``fused``: `fused_step.fused_step_`, `torch.compile`d passes (inductor's C++ code) for format-2 rules with
-  elementwise features (the shipped default); on CPU the default for such rules' tensors of at least
-  `fused_step.DEFAULT_MIN_NUMEL` elements (smaller ones, and tensors it cannot prove finite: the reference).
+  elementwise features (the shipped default); on CPU the default for such rules once a group has a tensor of
+  at least `fused_step.DEFAULT_MIN_NUMEL` elements (small tensors are stacked, a call per size; tensors of
+  fewer than 2 elements and tensors it cannot prove finite: the reference).
 - ``reference``: `reference.learned_update` per tensor, the plain math (slow; for debugging and checks).
 
 ``OPTBUNDLE_BACKEND=torch|triton|fused|reference`` overrides the choice. A rule or tensor a back end cannot
@@ -301,15 +302,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._step_torch(params, rule, config, weights, backend, lr, weight_decay, workers)
 
     def _step_fused(self, params, config, weights, lr, weight_decay, everything: bool) -> list[torch.Tensor]:
-        """Step the tensors the fused back end takes (all it can with ``everything``, else the large ones);
-        returns the others."""
+        """Step the tensors the fused back end takes (all it can with ``everything``; by default the same, but
+        only when one of them has at least `fused_step.DEFAULT_MIN_NUMEL` elements: below that the compile
+        costs more than it saves); returns the others."""
         fused, rest = [], []
         for param in params:
             why = fused_step.tensor_unsupported_reason(param, param.grad, self.state[param])
             if why and everything:
                 _log_once("tensor of shape %s not supported by the fused back end (%s)", tuple(param.shape), why)
-            take = why is None and (everything or param.numel() >= fused_step.DEFAULT_MIN_NUMEL)
-            (fused if take else rest).append(param)
+            (rest if why else fused).append(param)
+        if not everything and all(p.numel() < fused_step.DEFAULT_MIN_NUMEL for p in fused):
+            return params
         if fused:
             rest += fused_step.fused_step_(config, weights, fused, [self.state[p] for p in fused],
                                            [self._roles.get(p) for p in fused], lr, weight_decay, self.regime)

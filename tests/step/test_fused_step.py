@@ -143,6 +143,90 @@ def test_non_finite_gradient_skips_that_tensor_only(eager, spy):
     assert spy[1][1] == [(33, 17), (12, 16)]  # the fused path handed the two bad tensors to the reference
 
 
+#: Stacked groups: three same-shaped matrices (one Newton–Schulz group) and three same-sized vectors, plus loners.
+GROUPED = [((12, 16), "matrix")] * 3 + [((9,), "vector")] * 3 + [((16, 12), "matrix"), ((9,), "head")]
+
+
+def test_stacked_groups_match_the_reference(eager, spy, monkeypatch):
+    """Same-shaped tensors are stepped by one call on stacked rows; every row still matches the reference."""
+    calls = []
+    original = fused_step._step_stacked
+
+    def recording(spec, members, *args):
+        calls.append((spec.orthogonal, len(members)))
+        return original(spec, members, *args)
+
+    monkeypatch.setattr(fused_step, "_step_stacked", recording)
+    run_parity(GROUPED, "scratch", steps=6)
+    # per step: the three matrices, then the three vectors with the (9,) head (its own lr multiplier, one row)
+    assert calls[:2] == [(True, 3), (False, 4)]
+    assert all(rest == [] for _, rest in spy)
+
+
+def test_non_finite_gradient_in_a_stacked_group_skips_that_tensor_only(eager, spy, monkeypatch):
+    """NaN in one stacked matrix's gradient and inf in one stacked vector's: those two are handed back untouched
+    (the reference skips and counts them); the other rows of their groups step exactly as the reference back end."""
+    rule = load_rule("default")
+    generator = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=generator) for s, _ in GROUPED]
+    roles = [role for _, role in GROUPED]
+    grads = [[torch.randn(s, generator=generator) for s, _ in GROUPED] for _ in range(2)]
+    grads[1][1][3, 4] = float("nan")
+    grads[1][4].fill_(float("inf"))
+    results = {}
+    for backend in ("fused", "reference"):
+        monkeypatch.setenv(O.BACKEND_ENV, backend)
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = LearnedOptimizer([{"params": params, "roles": roles}], rule, weight_decay=0.1)
+        snapshots = []
+        for step_grads in grads:
+            snapshots.append(([p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()}
+                                                                     for p in params]))
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results[backend] = (params, opt, snapshots[-1])
+    assert spy[1][1] == [(12, 16), (9,)]  # handed back: the two bad tensors only
+    params, opt, (before, states) = results["fused"]
+    ref_params, ref_opt, _ = results["reference"]
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        if i in (1, 4):
+            assert torch.equal(p, before[i])
+            assert int(opt.state[p]["skipped_steps"]) == 1
+            assert all(torch.equal(opt.state[p][k], v) for k, v in states[i].items() if k != "skipped_steps")
+        else:
+            assert not torch.equal(p, before[i])
+            assert int(opt.state[p]["step"]) == 2 and int(opt.state[p]["skipped_steps"]) == 0
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+        for key, value in ref_opt.state[r].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_groups_resume_bit_identically(eager):
+    """3 steps, state_dict into a fresh optimizer, 3 more steps: bit-identical to 6 uninterrupted steps."""
+    rule = load_rule("default")
+    roles = [role for _, role in GROUPED]
+
+    def train(resume: bool):
+        generator = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s, _ in GROUPED]
+        opt = LearnedOptimizer([{"params": params, "roles": roles}], rule, weight_decay=0.1)
+        for step in range(6):
+            if resume and step == 3:
+                saved = opt.state_dict()
+                opt = LearnedOptimizer([{"params": params, "roles": roles}], rule, weight_decay=0.1)
+                opt.load_state_dict(saved)
+            for i, p in enumerate(params):
+                p.grad = _gradient(p.shape, step, i, generator)
+            opt.step()
+        return params, opt
+
+    (straight, opt_a), (resumed, opt_b) = train(False), train(True)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_a.state[p])
+
+
 def test_unprovable_update_goes_to_the_reference(eager, spy):
     """A parameter near the fp32 limit: the step cannot be proved finite, so the reference decides (and skips)."""
     rule = load_rule("default")
@@ -189,15 +273,24 @@ def test_compile_failure_falls_back_to_the_reference_with_one_log(monkeypatch, c
         assert torch.equal(p, c)  # the reference stepped them
 
 
-def test_default_backend_on_cpu_uses_fused_for_large_tensors_only(monkeypatch, spy):
+def test_default_backend_on_cpu_uses_fused_once_a_tensor_is_large(monkeypatch, spy):
+    """By default the fused path takes every tensor it can once one is large enough to pay for a compile, and
+    none otherwise (a small model steps on the reference without compiling)."""
     monkeypatch.delenv(O.BACKEND_ENV, raising=False)
     monkeypatch.setattr(fused_step, "COMPILE", False)
     rule = load_rule("default")
-    big, small = torch.nn.Parameter(torch.randn(128, 160)), torch.nn.Parameter(torch.randn(64))
-    opt = LearnedOptimizer([big, small], rule)
-    big.grad, small.grad = torch.randn(128, 160), torch.randn(64)
+    big, small, scalar = (torch.nn.Parameter(torch.randn(s)) for s in [(128, 160), (64,), ()])
+    opt = LearnedOptimizer([big, small, scalar], rule)
+    big.grad, small.grad, scalar.grad = torch.randn(128, 160), torch.randn(64), torch.randn(())
     opt.step()
-    assert spy == [([(128, 160)], [])]
+    assert spy == [([(128, 160), (64,)], [])]  # the 0-d tensor: the reference
+    assert int(opt.state[scalar]["step"]) == 1
+    tiny = [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(64))]
+    opt = LearnedOptimizer(tiny, rule)
+    for p in tiny:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert len(spy) == 1 and all(int(opt.state[p]["step"]) == 1 for p in tiny)
     assert O.select_backend(torch.device("cpu")) == "torch"
 
 
