@@ -28,35 +28,25 @@ from pathlib import Path
 from optbundle import LearnedRule, load_rule
 from optbundle.store.pretrained import PRETRAINED_DIR as PRETRAINED
 
+_V4 = dict(
+    recommended_lr={"scratch": 3e-2, "finetune": 5e-3},
+    role_lr={"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0, "adapter": 1.0},
+    finetune_head_lr="scratch",
+    schedule="inverse_sqrt",
+    schedule_steps=30.0,
+)
+#: each tensor's lr multiplier following sign(g·m) (meta-training.md §7)
+_GA = dict(
+    lr_adaptation="gradient_alignment", lr_adaptation_rate=0.03, lr_adaptation_bounds=[0.01, 10.0],
+    lr_adaptation_momentum_index=1,
+)
 SETTINGS = {
-    "default-v4": dict(
-        parent="default-v3",
-        recommended_lr={"scratch": 3e-2, "finetune": 5e-3},
-        role_lr={"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0, "adapter": 1.0},
-        finetune_head_lr="scratch",
-        schedule="inverse_sqrt",
-        schedule_steps=30.0,
-    ),
-    # default-v4's settings + each tensor's lr multiplier following sign(g·m) (meta-training.md §7)
-    "default-v5": dict(
-        parent="default-v3",
-        section="§7",
-        recommended_lr={"scratch": 3e-2, "finetune": 5e-3},
-        role_lr={"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0, "adapter": 1.0},
-        finetune_head_lr="scratch",
-        schedule="inverse_sqrt",
-        schedule_steps=30.0,
-        lr_adaptation="gradient_alignment",
-        lr_adaptation_rate=0.03,
-        lr_adaptation_bounds=[0.01, 10.0],
-        lr_adaptation_momentum_index=1,
-    ),
+    "default-v4": dict(parent="default-v3", **_V4),
+    "default-v5": dict(parent="default-v3", section="§7", **_V4, **_GA),
 }
 
 
 _ROLES = {"matrix": 1.0, "vector": 1.0, "embedding": 1.0, "head": 1.0}
-_V4 = {k: v for k, v in SETTINGS["default-v4"].items() if k != "parent"}
-_GA = {k: v for k, v in SETTINGS["default-v5"].items() if k.startswith("lr_adaptation")}
 #: what was tried on the dev suite before default-v4 (``--variants DIR`` writes them as rule folders for
 #: ``heldout.py --suite dev --rule DIR/NAME``); "zero-" variants zero φ (the Muon + Adam start of meta-training)
 VARIANTS = {
