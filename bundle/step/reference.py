@@ -187,9 +187,7 @@ def orthogonal_direction(
     return config.matrix_rms * o * torch.rsqrt(tensor_mean(o * o, batch_dims) + RMS_EPS)
 
 
-def adapted_lr_log_scale(
-    config: RuleConfig, grad: torch.Tensor, state: dict[str, torch.Tensor], batch_dims: int = 0
-) -> torch.Tensor:
+def adapted_lr_log_scale(config: RuleConfig, grad: torch.Tensor, state: State, batch_dims: int = 0) -> torch.Tensor:
     """The tensor's new log lr multiplier (``lr_adaptation: gradient_alignment``), shape ``(*B,)``.
 
     ``clip(log s + rate · sign(Σ g·m), log lo, log hi)`` with ``m`` the momentum
