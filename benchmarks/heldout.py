@@ -218,6 +218,16 @@ DEV = [
         400, 150, 10,
     ),
     HeldOutTask(
+        "dev-iris-mlp-32x3-tanh", "a tiny tabular dataset (iris, 150 rows) on 3 x 32 tanh: memorization",
+        dict(family="mlp", dataset="iris", hidden=[32, 32, 32], activation="tanh", batch_size=16, input_scale=1.0, label_noise=0.0),
+        400, 150, 10,
+    ),
+    HeldOutTask(
+        "dev-char-lm-d96-L2-histories", "2 layers, d 96 (trained: ≤ 64), histories",
+        dict(family="char_lm", d_model=96, layers=2, heads=4, context=32, batch_size=8, genres=["histories"]),
+        300, 100, 10,
+    ),
+    HeldOutTask(
         "dev-minilm-top-amazon", "MiniLM-L6 top layer + pooler + head, VADER Amazon reviews (> 0)",
         None, 40, 16, 4, lrs=list(FULL_FT_LRS), module="minilm-top-amazon", kind="finetune",
     ),

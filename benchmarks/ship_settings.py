@@ -43,6 +43,9 @@ _GA = dict(
 SETTINGS = {
     "default-v4": dict(parent="default-v3", **_V4),
     "default-v5": dict(parent="default-v3", section="§7", **_V4, **_GA),
+    # §8: the per-tensor scale may fall 4x at most (not 100x): the greedy alignment signal kept lowering the
+    # language models' steps long after that stopped helping
+    "default-v6": dict(parent="default-v3", section="§8", **_V4, **{**_GA, "lr_adaptation_bounds": [0.25, 10.0]}),
 }
 
 
@@ -83,6 +86,11 @@ VARIANTS = {
     "v4-ga-constant": {**_V4, **_GA, "schedule": "constant"},
     "v4-ga-scratch5e-2": {**_V4, **_GA, "recommended_lr": {"scratch": 5e-2, "finetune": 5e-3}},
     "v4-ga-T100": {**_V4, **_GA, "schedule_steps": 100.0},
+    # §8: how far the per-tensor scale may fall, and a lower start with it
+    **{f"v5-floor{lo:g}": {**_V4, **_GA, "lr_adaptation_bounds": [lo, 10.0]} for lo in (0.1, 0.25, 0.4)},
+    "v6-scratch1e-2": {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0], "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
+    "v6-scratch1e-2-T100": {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0], "schedule_steps": 100.0,
+                            "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
 }
 
 
@@ -127,7 +135,7 @@ def ship(name: str, out: Path) -> LearnedRule:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="default-v5", choices=sorted(SETTINGS))
+    parser.add_argument("--name", default="default-v6", choices=sorted(SETTINGS))
     parser.add_argument("--out", type=Path, default=None, help="default: bundle/store/pretrained/NAME")
     parser.add_argument("--variants", type=Path, default=None, help="write the dev-suite variants here instead")
     args = parser.parse_args()

