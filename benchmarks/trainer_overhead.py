@@ -19,6 +19,7 @@ optimizer the rule generalizes, passed as ``Trainer(optimizers=(muon, None))``: 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,10 @@ from optbundle.apps.finetune import DataArguments, ModelArguments, build_dataset
 
 sys.path.append(str(Path(__file__).resolve().parent))  # run as a script it is already there
 import muon_baseline  # noqa: E402
+
+
+#: Steps left out of the medians: the first allocate state, warm caches and (learned) compile the fused kernels.
+WARM = 2
 
 
 class StepTimer(TrainerCallback):
@@ -73,8 +78,7 @@ def measure(model_args: ModelArguments, data_args: DataArguments, batch: int, st
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[timer], **kwargs)
     trainer.train()
-    warm = 2 if steps > 4 else 1  # first steps allocate state / warm caches
-    return statistics.median(timer.step_times[warm:]), statistics.median(timer.optimizer_times[warm:])
+    return statistics.median(timer.step_times[WARM:]), statistics.median(timer.optimizer_times[WARM:])
 
 
 def main() -> None:
@@ -111,9 +115,10 @@ def main() -> None:
                              muon_step=m_step, muon_opt=m_opt, learned_step=l_step, learned_opt=l_opt))
             print(rows[-1], flush=True)
     lines = [
-        f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {2}..{steps} "
+        f"Trainer step time on this machine ({torch.get_num_threads()} threads), median over steps {WARM + 1}..{steps} "
         f"(AdamW: Trainer's default, {TrainingArguments('outputs/overhead', use_cpu=True).optim.value}); "
-        "`python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:]) + "` (machine shared with other jobs).",
+        "`python benchmarks/trainer_overhead.py " + " ".join(sys.argv[1:]) + "` (machine shared with other jobs: "
+        f"load average {os.getloadavg()[0]:.1f} at the end).",
         "",
         "| model | trainable params | batch | AdamW step s | Muon+AdamW step s | learned step s | overhead vs AdamW | "
         "overhead vs Muon | AdamW opt s | Muon+AdamW opt s | learned opt s | learned opt share of step |",

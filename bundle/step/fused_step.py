@@ -10,7 +10,8 @@ tensors below `STACK_BELOW` elements are stacked into one call (their rows copie
 call's fixed cost), larger ones get one call each on views of their own storage. Each call is one C++ loop nest:
 
 1. **reduce** (writes nothing): the new momenta and second moment, every feature's Σx², the look-ahead's Σx²
-   (orthogonalized tensors), φ's first layer with the normalizers and the time features folded in, and a
+   (orthogonalized tensors), the gradient–momentum alignment Σg·m (rules with ``lr_adaptation``: the new lr
+   multiplier), φ's first layer with the normalizers and the time features folded in, and a
    **finiteness proof**: ``|x| ≤ √Σx²`` per feature pushed through ``|W|`` bounds the step and the new parameter.
 2. **apply**: per element again, features → φ (unrolled: a few dozen multiply-adds per element) → output
    form; writes accumulators, step count and parameter in place, each write keeping the old value unless the
@@ -25,8 +26,10 @@ counts non-finite ones exactly as before. When compilation fails the reason is l
 handed back. Inductor caches compiled code on disk (``TORCHINDUCTOR_CACHE_DIR``, default under the temp dir),
 so later processes skip most of the compile.
 
-Results agree with `reference.learned_update` to fp32 rounding (sums and φ's first layer are regrouped):
-tests/step/test_fused_step.py.
+The C++ is compiled with multiply-adds contracted to FMA instructions and the rule's constants inlined (dynamo
+would otherwise pass each Python float as a tensor argument); Adam's bias corrections come in as per-tensor
+reciprocals. Results agree with `reference.learned_update` to fp32 rounding (sums and φ's first layer are
+regrouped, multiply-adds fused, bias corrections multiplied by their reciprocals): tests/step/test_fused_step.py.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from . import reference
 from .roles import is_orthogonalized, regime_lr_factor, step_multiplier
 from .rule import RuleConfig
-from .vocabulary import ACTIVATION_FUNCTIONS, RMS_EPS, adam_direction_from_moments, bias_corrections
+from .vocabulary import ACTIVATION_FUNCTIONS, RMS_EPS, bias_corrections
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +117,9 @@ def _accumulators(c: RuleConfig, g: torch.Tensor, m: Sequence[torch.Tensor], v: 
     return momenta, v_new
 
 
-def _features(c: RuleConfig, p32, g, momenta, v_new, bc1, bc2):
-    """Non-time feature columns (each ``(B, n)``) in φ's input order; ``bc1``, ``bc2``: Adam's bias corrections
-    (``(B, 1)``)."""
+def _features(c: RuleConfig, p32, g, momenta, v_new, rbc1, rbc2):
+    """Non-time feature columns (each ``(B, n)``) in φ's input order; ``rbc1``, ``rbc2``: the reciprocals of
+    Adam's bias corrections (``(B, 1)``)."""
     columns = []
     rsqrt_v = torch.rsqrt(v_new + c.second_moment_eps)
     for name in c.features:
@@ -133,12 +136,14 @@ def _features(c: RuleConfig, p32, g, momenta, v_new, bc1, bc2):
         elif name == "rsqrt_second_moment":
             columns.append(rsqrt_v)
         elif name == "adam_direction":
-            columns.append(_adam(c, momenta, v_new, bc1, bc2))
+            columns.append(_adam(c, momenta, v_new, rbc1, rbc2))
     return columns
 
 
-def _adam(c: RuleConfig, momenta, v_new, bc1, bc2):
-    return adam_direction_from_moments(momenta[c.adam_momentum_index], v_new, bc1, bc2, c.adam_eps)
+def _adam(c: RuleConfig, momenta, v_new, rbc1, rbc2):
+    """`vocabulary.adam_direction_from_moments` with the bias corrections' reciprocals (per row, computed once
+    by the caller): two multiplies per element where the reference divides (a rounding apart)."""
+    return momenta[c.adam_momentum_index] * rbc1 / (torch.sqrt(v_new * rbc2) + c.adam_eps)
 
 
 def _lookahead(c: RuleConfig, momenta, g):
@@ -150,34 +155,54 @@ def _phi(c: RuleConfig, columns, w, b, rest):
     """φ unrolled over its (few) units: each hidden/output unit is a weighted sum of ``(B, n)`` columns; the first
     layer ``w`` (``(B, H, F)``), ``b`` (``(B, H)``) has one row per tensor (its normalizers are folded in)."""
     activation = ACTIVATION_FUNCTIONS[c.activation]
-    hidden = [sum(w[:, h, f, None] * x for f, x in enumerate(columns)) + b[:, h, None] for h in range(w.shape[1])]
+    hidden = [_dot([w[:, h, f, None] for f in range(len(columns))], columns) + b[:, h, None] for h in range(w.shape[1])]
     for w_l, b_l in rest:
         hidden = [activation(x) for x in hidden]
-        hidden = [sum(w_l[o, i] * x for i, x in enumerate(hidden)) + b_l[o] for o in range(w_l.shape[0])]
+        hidden = [_dot([w_l[o, i] for i in range(len(hidden))], hidden) + b_l[o] for o in range(w_l.shape[0])]
     return hidden[0], hidden[1]
+
+
+def _dot(weights, columns):
+    """``Σ w·x`` starting from the first term (`sum` would start from 0: one more add per element and unit)."""
+    total = weights[0] * columns[0]
+    for w, x in zip(weights[1:], columns[1:]):
+        total = total + w * x
+    return total
 
 
 #: Scalars of a tensor's step in the plan pass 1 returns, after the F per-feature sums of squares (then φ's
 #: first layer with the normalizers and the time features folded in: H × F weights, H biases).
-_OK, _LR, _BC1, _BC2, _UNIT, _SCALARS = range(6)
+_OK, _LR, _UNIT, _LOG_SCALE, _SCALARS = range(5)
+#: Columns of the ``hyper`` argument, one row per tensor: lr × role factor, weight decay, step multiplier, and
+#: the reciprocals of Adam's bias corrections (computed by the caller for all tensors at once: a power inside
+#: the kernel is evaluated again for every vector of elements, as the compiler cannot hoist it).
+_HYPER_LR, _HYPER_DECAY, _HYPER_MULT, _HYPER_RBC1, _HYPER_RBC2 = range(5)
 
 
-def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
+def _reduce(spec: _Spec, p, g, v, step, log_scale, hyper, *rest):
     """Pass 1 (writes nothing): the plan of each row's step, ``[Σx² per feature, proof (1 = the step is surely
-    finite), lr (with the schedule), Adam's bias corrections, 1/RMS(look-ahead), folded first layer]`` (one row
-    of the ``(B, P)`` result per tensor).
+    finite), lr (with the schedule and the adapted multiplier), 1/RMS(look-ahead), new log lr multiplier,
+    folded first layer]`` (one row of the ``(B, P)`` result per tensor).
 
     Every tensor argument has one row per parameter tensor: ``p``, ``g``, ``v`` and the K momenta in ``rest``
-    are ``(B, n)``, ``step`` is ``(B,)``, ``hyper`` is ``(B, 3)``: ``[lr · role factor, weight decay, step
-    multiplier]``; after the momenta, ``rest`` holds φ's weights and biases. Rows never mix."""
+    are ``(B, n)``, ``step`` and ``log_scale`` (the lr multiplier's log, rules with ``lr_adaptation``; else
+    unused) are ``(B,)``, ``hyper`` is ``(B, 5)`` (``_HYPER_*``); after the momenta, ``rest`` holds φ's weights
+    and biases. Rows never mix."""
     c = spec.config
     m, weights = _split(c, rest)
     p32, g = p.to(torch.float32), g.to(torch.float32)
     t0 = step.to(torch.float32)
-    lr = hyper[:, 0] * torch.rsqrt(1.0 + t0 / c.schedule_steps) if c.schedule == "inverse_sqrt" else hyper[:, 0]
-    bc1, bc2 = bias_corrections(c, t0 + 1)
+    lr = hyper[:, _HYPER_LR]
+    if c.lr_adaptation != "none":  # `reference.adapted_lr_log_scale`: Σ g·m (m before this step) in this pass
+        lo, hi = c.lr_adaptation_bounds
+        alignment = (g * m[c.lr_adaptation_momentum_index]).sum(-1)
+        log_scale = (log_scale + c.lr_adaptation_rate * torch.sign(alignment)).clamp(math.log(lo), math.log(hi))
+        lr = lr * torch.exp(log_scale)
+    if c.schedule == "inverse_sqrt":
+        lr = lr * torch.rsqrt(1.0 + t0 / c.schedule_steps)
+    rbc1, rbc2 = hyper[:, _HYPER_RBC1, None], hyper[:, _HYPER_RBC2, None]
     momenta, v_new = _accumulators(c, g, m, v)
-    columns = _features(c, p32, g, momenta, v_new, bc1[:, None], bc2[:, None])
+    columns = _features(c, p32, g, momenta, v_new, rbc1, rbc2)
     sums = torch.stack([(x * x).sum(-1) for x in columns], dim=-1)  # (B, F)
     maxima = torch.sqrt(sums)  # max|x| ≤ √Σx²: a looser bound than max|x| but free
     numel = p.shape[-1]
@@ -196,16 +221,16 @@ def _reduce(spec: _Spec, p, g, v, step, hyper, *rest):
     bound = (w.abs() * maxima[:, None, :]).sum(-1) + b1.abs()
     for w_l, b_l in weights[1:]:
         bound = bound @ w_l.abs().T + b_l.abs()
-    scale = math.exp(c.magnitude_bound) * c.step_mult * hyper[:, 2]
+    scale = math.exp(c.magnitude_bound) * c.step_mult * hyper[:, _HYPER_MULT]
     if spec.orthogonal:
         step_max = scale * c.matrix_rms * math.sqrt(numel)
     else:
-        adam = _adam(c, momenta, v_new, bc1[:, None], bc2[:, None])
+        adam = _adam(c, momenta, v_new, rbc1, rbc2)
         step_max = scale * (torch.sqrt((adam * adam).sum(-1)) + bound[:, 0])
-    new_max = p32.abs().amax(-1) * (1 + lr * c.step_mult * hyper[:, 1]) + lr * step_max  # (fp16: √Σp² too loose)
+    new_max = p32.abs().amax(-1) * (1 + lr * c.step_mult * hyper[:, _HYPER_DECAY]) + lr * step_max  # (fp16: √Σp² too loose)
     limit = 0.25 * torch.finfo(p.dtype if p.dtype != torch.float64 else torch.float32).max
     ok = (new_max < limit) & ((g * g).sum(-1) < limit) & (bound.amax(-1) < 1e30) & torch.isfinite(sums).all(-1)
-    scalars = torch.stack([ok.to(torch.float32), lr, bc1, bc2, unit], dim=-1)
+    scalars = torch.stack([ok.to(torch.float32), lr, unit, log_scale.to(torch.float32)], dim=-1)
     return torch.cat([sums, scalars, w.flatten(1), b1], dim=-1)
 
 
@@ -222,46 +247,50 @@ def _write_param(p, p32, new32):
         p.copy_(new32.to(p.dtype))
 
 
-def _step(spec: _Spec, p, g, v, step, hyper, out, *rest):
+def _step(spec: _Spec, p, g, v, step, log_scale, hyper, out, *rest):
     """Both passes in one compiled call (inductor emits the reduction loop, then the apply loop), for ``B`` rows
     (tensors) at once. Every write keeps the old value unless the row's proof holds, so an unproved tensor is
     left exactly as it was. Returns ``(B, 3)``: ``[proof, mean φ magnitude, lr of this step]`` per row."""
-    plan = _reduce(spec, p, g, v, step, hyper, *rest)
+    plan = _reduce(spec, p, g, v, step, log_scale, hyper, *rest)
     n_plain = spec.config.num_inputs - spec.config.num_time_inputs
     ok = plan[:, n_plain + _OK: n_plain + _OK + 1] > 0
-    return torch.cat([plan[:, n_plain + _OK: n_plain + _OK + 1], _apply(spec, p, g, v, step, hyper, plan, out, ok, *rest)],
-                     dim=-1)
+    return torch.cat([plan[:, n_plain + _OK: n_plain + _OK + 1],
+                      _apply(spec, p, g, v, step, log_scale, hyper, plan, out, ok, *rest)], dim=-1)
 
 
-def _apply(spec: _Spec, p, g, v, step, hyper, plan, out, ok, *rest):
-    """Pass 2: writes momenta, second moment, step and the parameter (elementwise form) or the Newton–Schulz
-    input ``out`` (orthogonalized form), each only in rows where ``ok`` (``(B, 1)``). Returns ``(B, 2)``:
-    ``[mean φ magnitude, lr of this step]`` per row."""
+def _apply(spec: _Spec, p, g, v, step, log_scale, hyper, plan, out, ok, *rest):
+    """Pass 2: writes momenta, second moment, step, the lr multiplier's log (rules with ``lr_adaptation``) and
+    the parameter (elementwise form) or the Newton–Schulz input ``out`` (orthogonalized form), each only in rows
+    where ``ok`` (``(B, 1)``). Returns ``(B, 2)``: ``[mean φ magnitude, lr of this step]`` per row."""
     c = spec.config
     m, weights = _split(c, rest)
     p32, g = p.to(torch.float32), g.to(torch.float32)
     n_plain = c.num_inputs - c.num_time_inputs
     scalars = plan[:, n_plain: n_plain + _SCALARS]
-    lr, bc1, bc2 = scalars[:, _LR, None], scalars[:, _BC1, None], scalars[:, _BC2, None]
+    lr = scalars[:, _LR, None]
+    rbc1, rbc2 = hyper[:, _HYPER_RBC1, None], hyper[:, _HYPER_RBC2, None]
     hidden = weights[0][0].shape[0]
     w = plan[:, n_plain + _SCALARS: n_plain + _SCALARS + hidden * n_plain].reshape(-1, hidden, n_plain)
     b = plan[:, n_plain + _SCALARS + hidden * n_plain:]
     momenta, v_new = _accumulators(c, g, m, v)
-    columns = _features(c, p32, g, momenta, v_new, bc1, bc2)
+    columns = _features(c, p32, g, momenta, v_new, rbc1, rbc2)
     direction, magnitude = _phi(c, columns, w, b, weights[1:])
     if spec.orthogonal:
         out.copy_(torch.where(ok, _lookahead(c, momenta, g) * scalars[:, _UNIT, None] + direction, 0.0))
         mean_magnitude = magnitude.sum(-1) / p.shape[-1]
     else:
         scale = torch.exp(c.magnitude_bound * torch.tanh(magnitude))
-        u = c.step_mult * scale * (_adam(c, momenta, v_new, bc1, bc2) + direction) * hyper[:, 2:3]
-        new32 = p32 - lr * u - lr * (c.step_mult * hyper[:, 1:2]) * p32
+        multiplier = hyper[:, _HYPER_MULT: _HYPER_MULT + 1]
+        u = c.step_mult * scale * (_adam(c, momenta, v_new, rbc1, rbc2) + direction) * multiplier
+        new32 = p32 - lr * u - lr * (c.step_mult * hyper[:, _HYPER_DECAY: _HYPER_DECAY + 1]) * p32
         _write_param(p, p32, torch.where(ok, new32, p32))
         mean_magnitude = lr.new_zeros(lr.shape[0])
     for m_k, new in zip(m, momenta):  # one (B, n) tensor per momentum: written in place, no staging copy
         m_k.copy_(torch.where(ok, new, m_k))
     v.copy_(torch.where(ok, v_new, v))
     step.add_(ok[:, 0].to(step.dtype))
+    if c.lr_adaptation != "none":
+        log_scale.copy_(torch.where(ok[:, 0], scalars[:, _LOG_SCALE], log_scale))
     return torch.stack([mean_magnitude, lr[:, 0]], dim=-1)
 
 
@@ -271,8 +300,10 @@ _KERNELS: dict = {}  # by (pass, rule config JSON, form, compiled)
 _BY_ID: dict = {}  # the same by the config's identity (its JSON costs more than a small tensor's step)
 #: Keep per-element intermediates (new momenta, features, φ's units) in registers: inductor would otherwise
 #: write a value read by several ops to memory and split the pass into several loops.
+#: ``ffp-contract=fast`` lets the C++ compiler fuse each multiply-add (φ is mostly multiply-adds) into one FMA
+#: instruction, as the reference's matrix products do (inductor's default, ``off``, keeps them separate).
 _INDUCTOR = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 10000, "max_fusion_size": 1000,
-             "cpp.max_horizontal_fusion_size": 1000}
+             "cpp.max_horizontal_fusion_size": 1000, "cpp.enable_floating_point_contract_flag": "fast"}
 _UNUSED = torch.empty(1)  # the ``out`` argument of the elementwise form
 
 
@@ -291,7 +322,12 @@ def _kernel(name: str, spec: _Spec):
         # a code object of its own per kernel: dynamo caches (and counts recompiles) per code object
         kernel = types.FunctionType(kernel.__code__.replace(), kernel.__globals__, f"{name}_{len(_KERNELS)}",
                                     None, kernel.__closure__)
-        _KERNELS[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=_INDUCTOR) if COMPILE else kernel
+        if COMPILE:
+            # the rule's constants (decays, eps, …) as constants of the C++ code: by default dynamo makes every
+            # Python float it reads a graph input, boxed as a tensor on each call and loaded in the loop
+            kernel = torch._dynamo.config.patch(specialize_float=True)(
+                torch.compile(kernel, dynamic=True, fullgraph=True, options=_INDUCTOR))
+        _KERNELS[key] = kernel
     if len(_BY_ID) > 256:
         _BY_ID.clear()
     _BY_ID[fast_key] = (spec.config, _KERNELS[key])
@@ -336,19 +372,19 @@ def fused_step_(
     caller steps those with the reference back end, which skips and counts non-finite ones.
     """
     flat_weights = [t for layer in weights for t in layer]
-    adaptive = config.lr_adaptation != "none"
+    # Adam's bias corrections of this step for every tensor at once, in fp32 as the reference computes them
+    bias = torch.stack(bias_corrections(config, torch.stack([s["step"] for s in states]).to(torch.float32) + 1), 1)
     groups: dict[tuple, list[_Member]] = {}
-    for param, state, role in zip(params, states, roles):
+    rows_lr = []
+    for index, (param, state, role) in enumerate(zip(params, states, roles)):
         shape = tuple(param.shape)
         orthogonal = config.output == "hybrid_residual" and is_orthogonalized(config, role, shape)
         multiplier = step_multiplier(config, role, shape) if config.output == "hybrid_residual" else 1.0
-        tensor_lr, log_scale = lr * regime_lr_factor(config, role, regime), None
-        if adaptive:  # the new lr multiplier reads the momentum before this step; kept only if the step is taken
-            log_scale = reference.adapted_lr_log_scale(config, param.grad, state)
-            tensor_lr *= math.exp(float(log_scale))
+        rows_lr.append((lr * regime_lr_factor(config, role, regime), weight_decay, multiplier))
         rows = shape[0] if orthogonal else 1
         key = (orthogonal, rows, param.numel() // rows, param.dtype, param.grad.dtype)
-        groups.setdefault(key, []).append(_Member(param, state, (tensor_lr, weight_decay, multiplier), log_scale))
+        groups.setdefault(key, []).append(_Member(param, state, rows_lr[-1], index))
+    hypers = torch.cat([torch.tensor(rows_lr), 1 / bias], 1)  # (N, 5): the ``hyper`` rows, in `params`' order
     rest: list[torch.Tensor] = []
     for (orthogonal, rows, cols, *_), members in groups.items():
         spec = _Spec(config, orthogonal)
@@ -360,18 +396,15 @@ def fused_step_(
         done: list[int] = []  # indices into members of the tensors stepped (orthogonalized: up to the update)
         if stacked:
             out = _flat(batch[: len(stacked)], len(stacked), -1) if orthogonal else _UNUSED
-            done += _step_stacked(spec, stacked, out, flat_weights)
+            done += _step_stacked(spec, stacked, out, hypers[[m.index for m in stacked]], flat_weights)
         for index in range(len(stacked), len(members)):
             member = members[index]
             out = _flat(batch[index], 1, -1) if orthogonal else _UNUSED
-            info = _call("step", spec, *_own_rows(member), torch.tensor([member.hyper]), out,
+            info = _call("step", spec, *_own_rows(member), hypers[member.index: member.index + 1], out,
                          *_own_momenta(config, member), *flat_weights)
             if info is not None and info[0, 0].item() == 1.0:
                 member.info = info[0, 1:]
                 done.append(index)
-        if adaptive:
-            for index in done:
-                members[index].state["lr_log_scale"].copy_(members[index].log_scale)
         if len(done) < len(members):
             stepped = set(done)
             rest += [m.param for i, m in enumerate(members) if i not in stepped]
@@ -382,23 +415,23 @@ def fused_step_(
 
 @dataclass
 class _Member:
-    """One tensor of a group: its parameter, state, ``hyper`` row (see `_reduce`; its lr includes the adapted
-    multiplier), and, once stepped, ``info``:
-    ``[mean φ magnitude, lr of this step]``."""
+    """One tensor of a group: its parameter, state, ``hyper``: ``[lr · role factor, weight decay, step
+    multiplier]``, its index in the step's tensors (its full ``hyper`` row, ``_HYPER_*``), and, once stepped,
+    ``info``: ``[mean φ magnitude, lr of this step]``."""
 
     param: torch.Tensor
     state: dict[str, torch.Tensor]
     hyper: tuple[float, float, float]
-    #: the tensor's new ``lr_log_scale`` (rules with ``lr_adaptation``), written when the step is taken
-    log_scale: torch.Tensor | None = None
+    index: int
     info: torch.Tensor | None = None
 
 
 def _own_rows(member: _Member) -> list[torch.Tensor]:
-    """``p, g, v, step`` of one tensor as one-row views of its own storage (no copy)."""
+    """``p, g, v, step, log_scale`` of one tensor as one-row views of its own storage (no copy; ``log_scale``:
+    the lr multiplier's log, or a zero for rules without ``lr_adaptation``)."""
     state = member.state
     return [_flat(member.param, 1, -1), _flat(member.param.grad, 1, -1), _flat(state["second_moment"], 1, -1),
-            _flat(state["step"], 1)]
+            _flat(state["step"], 1), _flat(state["lr_log_scale"], 1) if "lr_log_scale" in state else torch.zeros(1)]
 
 
 def _own_momenta(config: RuleConfig, member: _Member) -> list[torch.Tensor]:
@@ -406,22 +439,26 @@ def _own_momenta(config: RuleConfig, member: _Member) -> list[torch.Tensor]:
     return [m.detach() for m in momenta.unbind(0)]
 
 
-def _step_stacked(spec: _Spec, members: list[_Member], out: torch.Tensor, flat_weights) -> list[int]:
+def _step_stacked(spec: _Spec, members: list[_Member], out: torch.Tensor, hyper: torch.Tensor, flat_weights) -> list[int]:
     """Step same-sized small tensors with one call on stacked copies of their ``p, g, v, step`` and momenta,
     then copy back the rows of the tensors it stepped. Returns their indices in ``members``."""
     k = len(spec.config.momentum_decays)
     states = [m.state for m in members]
+    adaptive = spec.config.lr_adaptation != "none"
     own = [  # the destinations, one list per argument, each tensor viewed as its row
         [m.param.view(-1) for m in members], [m.param.grad.view(-1) for m in members],
         [s["second_moment"].view(-1) for s in states], [s["step"] for s in states],
+        [s["lr_log_scale"] if adaptive else torch.zeros(()) for s in states],
         *([s["momentum"][j].view(-1) for s in states] for j in range(k)),
     ]
     rows = [torch.stack(tensors) for tensors in own]
-    info = _call("step", spec, *rows[:4], torch.tensor([m.hyper for m in members]), out, *rows[4:], *flat_weights)
+    info = _call("step", spec, *rows[:5], hyper, out, *rows[5:], *flat_weights)
     if info is None:
         return []
     stepped = [i for i, ok in enumerate(info[:, 0].tolist()) if ok == 1.0]
-    written = [0, 2, 3, *range(4, 4 + k)] if not spec.orthogonal else [2, 3, *range(4, 4 + k)]
+    written = [2, 3, *([4] if adaptive else []), *range(5, 5 + k)]
+    if not spec.orthogonal:
+        written.insert(0, 0)
     destinations = [own[a][i] for a in written for i in stepped]
     if destinations:
         torch._foreach_copy_(destinations, [rows[a][i] for a in written for i in stepped])

@@ -158,14 +158,16 @@ def newton_schulz(x: torch.Tensor, config: RuleConfig) -> torch.Tensor:
     (``ns_steps`` iterations of ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, after scaling X to unit Frobenius norm).
     """
     a, b, c = config.ns_coefficients
-    transpose = x.shape[-2] > x.shape[-1]
+    shape = x.shape
+    transpose = shape[-2] > shape[-1]
+    x = x.reshape(-1, *shape[-2:])  # (B, R, C): batched GEMMs with the scaled adds folded in (`torch.baddbmm`)
     if transpose:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NEWTON_SCHULZ_EPS)
     for _ in range(config.ns_steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if transpose else x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if transpose else x).reshape(shape)
 
 
 def orthogonal_direction(
