@@ -421,7 +421,7 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
         f"{result['sizes']['train']}/{result['sizes']['val']}/{result['sizes']['test']} examples; "
         f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s)"
         + (f" (summed over {len(result['merged_from'])} processes run side by side on a shared machine)."
-           if result.get("merged_from") else "."),
+           if len(result.get("merged_from") or []) > 1 else "."),
         "",
         "| optimizer | test loss, mean ± SE | per seed |",
         "|---|---:|---|",
@@ -432,6 +432,7 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
         mean, se = _mean_se(values)
         lines.append(f"| {label} | {mean:.4f} ± {se:.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
     per_seed_val = [(r["before_after"]["held_out_loss_parent"], r["before_after"]["held_out_loss_refined"]) for r in result["refinements"]]
+    noise, pairs = selection_noise(result)
     lines += [
         "",
         f"- refined vs unrefined (paired over seeds): test loss lower by **{d_mean:.4f} ± {d_se:.4f}** (SE)"
@@ -446,11 +447,37 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
             ", ".join(f"{k} ×{v:.3g}" for k, v in r["scalars"].items() if abs(v - 1) > 1e-9) or "parent (no change)"
             for r in result["refinements"]),
         "- validation loss parent → refined (inside the search): " + ", ".join(f"{a:.4f} → {b:.4f}" for a, b in per_seed_val),
+        f"- selection noise: between two runs of one seed, the test-loss difference departs from the validation-loss"
+        f" difference by **{noise:.4f}** (SD over {pairs} pairs of runs within {NOISE_WINDOW} on validation): a"
+        f" validation gain below that is not a test gain",
         "",
         f"![{result['domain']}]({stem}.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+#: pairs of runs whose validation losses differ by less than this enter `selection_noise` (near-ties: what the
+#: search has to tell apart)
+NOISE_WINDOW = 0.15
+
+
+def selection_noise(result: dict[str, Any]) -> tuple[float, int]:
+    """How far a validation-loss difference between two runs of one seed is from their test-loss difference:
+    the SD of ``(test_a − test_b) − (val_a − val_b)`` over all pairs of a seed's runs (unrefined, AdamW, Muon)
+    whose validation losses are within `NOISE_WINDOW`, and the number of pairs. The same runs are scored on
+    both splits, so this is the held-out sampling noise of the comparisons a search on validation makes."""
+    gaps = []
+    for seed in result["seeds"]:
+        rows = [r for r in result["rows"] if r["seed"] == seed and r["optimizer"] != "refined rule"]
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                if abs(a["val"] - b["val"]) < NOISE_WINDOW:
+                    gaps.append((a["test"] - b["test"]) - (a["val"] - b["val"]))
+    if len(gaps) < 2:
+        return float("nan"), len(gaps)
+    mean = sum(gaps) / len(gaps)
+    return math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)), len(gaps)
 
 
 def domain_plot(result: dict[str, Any], path: Path) -> None:
