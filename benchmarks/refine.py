@@ -436,7 +436,8 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
     lines += [
         "",
         f"- refined vs unrefined (paired over seeds): test loss lower by **{d_mean:.4f} ± {d_se:.4f}** (SE)"
-        f" = {d_mean / d_se if d_se else float('inf'):.1f} SE; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
+        + (f" = {d_mean / d_se:.1f} SE" if d_se else " (one seed: no SE)")
+        + f"; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
         f"- refined vs AdamW best-of-5 (validation pick): ratio **{_stats(ref)[0] / _stats(adamw_pick)[0]:.3f}**;"
         f" vs AdamW at the oracle lr: {_stats(ref)[0] / _stats(adamw_oracle)[0]:.3f}; vs Muon best-of-5 (validation"
         f" pick): {_stats(ref)[0] / _stats(summary['Muon best-of-5 (picked by validation)'])[0]:.3f};"
