@@ -250,9 +250,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 # ---- budgeted scalar refinement on held-out domains (--domains) -------------------------------------------
 
-#: one domain: a `heldout_tasks` model, its split sizes, horizon, batch and the baselines' lr sweep (sizes cut so that
-#: the three domains × 3 seeds run in ≈ 75 min on one shared CPU thread: ≈ 12 s per held-out evaluation of 512
-#: MiniLM examples, ≈ 2 s per SmolLM2 step at 64 tokens; session 7)
+#: one domain: a `heldout_tasks` model, its split sizes, horizon, batch and the baselines' lr sweep (sizes cut in
+#: session 7 to fit a shared CPU: ≈ 12 s per held-out evaluation of 512 MiniLM examples, ≈ 2 s per SmolLM2 step at
+#: 64 tokens; even so, on a loaded 2-core machine a seed took 7 min (MiniLM LoRA), ≈ 13 min (SmolLM2) and 31 min
+#: (MiniLM full fine-tuning: the learned rule's step over 22.7M parameters): see each result's ``wall_s``)
 DOMAINS = {
     "minilm-lora-tweets": dict(task="lora", data="vader-tweets", count=4200, max_length=32, train=2400, val=128,
                                test=256, steps=40, batch=8, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
