@@ -27,6 +27,8 @@ task. If I spend the same compute refining the bundle's optimizer, do I end up b
     python benchmarks/refine.py --domains minilm-lora-tweets --seeds 22 --out outputs/s22   # seeds side by side, then
     python benchmarks/refine.py --merge A.json B.json                 # one domain's JSON over disjoint seeds
     python benchmarks/refine.py --table                               # benchmarks/results/refine.md from the domains' JSON
+    python benchmarks/refine.py --domains minilm-lora-tweets --starts 2 --reuse R/refine-minilm-lora-tweets.json
+                                      # a variant of the search: only it and the refined rule run, the other rows reused
 
 Domains (`heldout_tasks` models, data outside the rule's meta-training): ``minilm-lora-tweets`` (MiniLM-L6 +
 LoRA r=8 + new head, VADER tweets), ``minilm-full-amazon`` (MiniLM-L6 full fine-tuning, VADER Amazon snippets),
@@ -248,13 +250,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 # ---- budgeted scalar refinement on held-out domains (--domains) -------------------------------------------
 
-#: one domain: a `heldout_tasks` model, its split sizes, horizon, batch and the baselines' lr sweep
+#: one domain: a `heldout_tasks` model, its split sizes, horizon, batch and the baselines' lr sweep (sizes cut in
+#: session 7 to fit a shared CPU: ≈ 12 s per held-out evaluation of 512 MiniLM examples, ≈ 2 s per SmolLM2 step at
+#: 64 tokens; even so, on a loaded 2-core machine a seed took 7 min (MiniLM LoRA), ≈ 13 min (SmolLM2) and 31 min
+#: (MiniLM full fine-tuning: the learned rule's step over 22.7M parameters): see each result's ``wall_s``)
 DOMAINS = {
-    "minilm-lora-tweets": dict(task="lora", data="vader-tweets", count=4200, max_length=32, train=2400, val=384,
-                               test=512, steps=40, batch=8, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+    "minilm-lora-tweets": dict(task="lora", data="vader-tweets", count=4200, max_length=32, train=2400, val=128,
+                               test=256, steps=40, batch=8, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
     "minilm-full-amazon": dict(task="full", data="vader-amazonReviewSnippets", count=3708, max_length=32, train=2400,
-                               val=384, test=512, steps=30, batch=8, lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
-    "smollm2-lora-tragedies": dict(task="smollm2", context=64, val=32, test=64, steps=16, batch=2,
+                               val=128, test=256, steps=20, batch=8, lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
+    "smollm2-lora-tragedies": dict(task="smollm2", context=32, val=16, test=32, steps=16, batch=2,
                                    lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
 }
 DOMAIN_SEEDS = [21, 22, 23]
@@ -292,10 +297,16 @@ def domain_data(name: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
     return task, windows(tokens[:cut1]), windows(tokens[cut1:cut2], spec["val"]), windows(tokens[cut2:], spec["test"])
 
 
-def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=None) -> dict[str, Any]:
+def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=None,
+               refine_options: dict[str, Any] | None = None, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """All rows of one domain (see the module docstring); ``save(result)`` is called after every seed with
-    the seeds done so far (a long run killed midway keeps its finished seeds)."""
-    from heldout import MUON_ROLES, WEIGHT_DECAY, MuonAdamW
+    the seeds done so far (a long run killed midway keeps its finished seeds). ``refine_options``: extra
+    `Bundle.refine` keywords (a variant of the search, e.g. ``starts``). ``reuse``: an earlier result of the same
+    domain whose unrefined / AdamW / Muon rows are taken as they are (they do not depend on refinement; runs are
+    deterministic per seed), so a variant of refinement costs only its search and one run per seed. A refined
+    rule equal to its parent is not run again: its row is the unrefined one (the same run)."""
+    from heldout import MUON_ROLES, WEIGHT_DECAY
+    from muon_baseline import MuonAdamW
     from optbundle.meta.refine import evaluate_loss
     from optbundle.meta.scalars import eval_passes
     from optbundle.store.bundle import model_roles
@@ -326,32 +337,43 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=No
               f"({row['wall_s']:.0f} s)", flush=True)
         return row
 
+    if reuse is not None and (reuse["domain"] != name or reuse["spec"] != spec or not set(seeds) <= set(reuse["seeds"])):
+        raise SystemExit(f"--reuse: not a run of {name} with these settings and seeds {seeds}")
+    options = {"adapt": "scalars", "horizon": steps, "budget": "sweep5", **(refine_options or {})}
     rows, refinements = [], []
     start = time.perf_counter()
     for seed in seeds:
         task.reset(seed)
         bundle = Bundle(model, default)
         t0 = time.perf_counter()
-        refined = bundle.refine(train_rows, val_rows, dataset_name=name, adapt="scalars", horizon=steps, budget="sweep5",
-                                batch_size=batch, seed=seed, max_tokens=512, progress=False,
-                                out_dir=str(out_dir / name / f"seed{seed}"))
+        tag = "".join(f"-{k}{v}" for k, v in sorted((refine_options or {}).items()))
+        refined = bundle.refine(train_rows, val_rows, dataset_name=name, batch_size=batch, seed=seed, max_tokens=512,
+                                progress=False, out_dir=str(out_dir / f"{name}{tag}" / f"seed{seed}"), **options)
         prov = refined.rule.provenance
         refinements.append({"seed": seed, "wall_s": time.perf_counter() - t0, "budget": prov["budget"],
                             "scalars": prov["scalars"], "search": prov["search"], "before_after": prov["before_after"]})
         print(f"{name} seed {seed}: refined {prov['scalars']} spent {prov['budget']['spent']}/{prov['budget']['passes']}"
               f" passes, val {prov['before_after']['held_out_loss_parent']:.4f} -> {prov['before_after']['held_out_loss_refined']:.4f}", flush=True)
-        rule_of = {"unrefined rule": default, "refined rule": refined.rule}
-        for label, rule in rule_of.items():
-            rows.append(run(label, None, lambda _n, rule=rule: Bundle(model, rule).build_optimizer(model), seed))
-        for lr in spec["lrs"]:
-            rows.append(run("AdamW", lr, adamw_factory(lr, WEIGHT_DECAY), seed))
-        for lr in spec["lrs"]:
-            rows.append(run("Muon", lr, muon_factory(lr), seed))
+        def rule_row(label: str, rule) -> dict[str, Any]:
+            return run(label, None, lambda _n: Bundle(model, rule).build_optimizer(model), seed)
+
+        if reuse is not None:
+            kept = [r for r in reuse["rows"] if r["seed"] == seed and r["optimizer"] != "refined rule"]
+        else:
+            kept = [rule_row("unrefined rule", default)]
+            kept += [run("AdamW", lr, adamw_factory(lr, WEIGHT_DECAY), seed) for lr in spec["lrs"]]
+            kept += [run("Muon", lr, muon_factory(lr), seed) for lr in spec["lrs"]]
+        if refined.rule.content_hash() == default.content_hash():
+            same = next(r for r in kept if r["optimizer"] == "unrefined rule")
+            rows += kept + [{**same, "optimizer": "refined rule", "wall_s": 0.0, "same_as_parent": True}]
+        else:
+            rows += kept + [rule_row("refined rule", refined.rule)]
         result = {"domain": name, "spec": spec, "seeds": [r["seed"] for r in refinements], "steps": steps,
                   "batch_size": batch, "rows": rows, "refinements": refinements,
                   "sweep_passes": SWEEP_POINTS * (steps + eval_passes(len(val))), "wall_s": time.perf_counter() - start,
                   "sizes": {"train": len(train), "val": len(val), "test": len(test)}, "threads": threads,
-                  "parent_hash": default.content_hash()}
+                  "parent_hash": default.content_hash(), "refine_options": options,
+                  "reused_rows_from": reuse.get("source") if reuse is not None else None}
         if save is not None:
             save(result)
     return result
@@ -380,8 +402,11 @@ def domain_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def domain_table(result: dict[str, Any]) -> str:
+def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
+    """One domain's section of refine.md; ``stem``: the file name of its JSON/PNG without suffix."""
+    stem = stem or f"refine-{result['domain']}"
     summary = domain_summary(result)
+    options = {k: v for k, v in (result.get("refine_options") or {}).items() if k not in ("adapt", "horizon", "budget")}
     spent = [r["budget"]["spent"] for r in result["refinements"]]
     unref, ref = summary["unrefined rule"], summary["refined rule"]
     diffs = [u - r for u, r in zip(unref, ref)]
@@ -389,13 +414,15 @@ def domain_table(result: dict[str, Any]) -> str:
     adamw_pick = summary["AdamW best-of-5 (picked by validation)"]
     adamw_oracle = next(v for k, v in summary.items() if k.startswith("AdamW oracle"))
     lines = [
-        f"### {result['domain']}",
+        f"### {result['domain']}" + (f" — refinement variant {options}" if options else ""),
         "",
+        *([f"Unrefined / AdamW / Muon rows reused from `{Path(result['reused_rows_from']).name}` (same seeds and "
+           "batches); only the refinement and the refined rule were run.", ""] if result.get("reused_rows_from") else []),
         f"{result['steps']} steps at batch {result['batch_size']}; seeds {result['seeds']}; train/validation/test "
         f"{result['sizes']['train']}/{result['sizes']['val']}/{result['sizes']['test']} examples; "
         f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s)"
         + (f" (summed over {len(result['merged_from'])} processes run side by side on a shared machine)."
-           if result.get("merged_from") else "."),
+           if len(result.get("merged_from") or []) > 1 else "."),
         "",
         "| optimizer | test loss, mean ± SE | per seed |",
         "|---|---:|---|",
@@ -406,10 +433,12 @@ def domain_table(result: dict[str, Any]) -> str:
         mean, se = _mean_se(values)
         lines.append(f"| {label} | {mean:.4f} ± {se:.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
     per_seed_val = [(r["before_after"]["held_out_loss_parent"], r["before_after"]["held_out_loss_refined"]) for r in result["refinements"]]
+    noise, pairs = selection_noise(result)
     lines += [
         "",
         f"- refined vs unrefined (paired over seeds): test loss lower by **{d_mean:.4f} ± {d_se:.4f}** (SE)"
-        f" = {d_mean / d_se if d_se else float('inf'):.1f} SE; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
+        + (f" = {d_mean / d_se:.1f} SE" if d_se else " (one seed: no SE)")
+        + f"; refined/unrefined ratio {_stats(ref)[0] / _stats(unref)[0]:.3f}",
         f"- refined vs AdamW best-of-5 (validation pick): ratio **{_stats(ref)[0] / _stats(adamw_pick)[0]:.3f}**;"
         f" vs AdamW at the oracle lr: {_stats(ref)[0] / _stats(adamw_oracle)[0]:.3f}; vs Muon best-of-5 (validation"
         f" pick): {_stats(ref)[0] / _stats(summary['Muon best-of-5 (picked by validation)'])[0]:.3f};"
@@ -420,11 +449,37 @@ def domain_table(result: dict[str, Any]) -> str:
             ", ".join(f"{k} ×{v:.3g}" for k, v in r["scalars"].items() if abs(v - 1) > 1e-9) or "parent (no change)"
             for r in result["refinements"]),
         "- validation loss parent → refined (inside the search): " + ", ".join(f"{a:.4f} → {b:.4f}" for a, b in per_seed_val),
+        f"- selection noise: between two runs of one seed, the test-loss difference departs from the validation-loss"
+        f" difference by **{noise:.4f}** (SD over {pairs} pairs of runs within {NOISE_WINDOW} on validation): a"
+        f" validation gain below that is not a test gain",
         "",
-        f"![{result['domain']}](refine-{result['domain']}.png)",
+        f"![{result['domain']}]({stem}.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+#: pairs of runs whose validation losses differ by less than this enter `selection_noise` (near-ties: what the
+#: search has to tell apart)
+NOISE_WINDOW = 0.15
+
+
+def selection_noise(result: dict[str, Any]) -> tuple[float, int]:
+    """How far a validation-loss difference between two runs of one seed is from their test-loss difference:
+    the SD of ``(test_a − test_b) − (val_a − val_b)`` over all pairs of a seed's runs (unrefined, AdamW, Muon)
+    whose validation losses are within `NOISE_WINDOW`, and the number of pairs. The same runs are scored on
+    both splits, so this is the held-out sampling noise of the comparisons a search on validation makes."""
+    gaps = []
+    for seed in result["seeds"]:
+        rows = [r for r in result["rows"] if r["seed"] == seed and r["optimizer"] != "refined rule"]
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                if abs(a["val"] - b["val"]) < NOISE_WINDOW:
+                    gaps.append((a["test"] - b["test"]) - (a["val"] - b["val"]))
+    if len(gaps) < 2:
+        return float("nan"), len(gaps)
+    mean = sum(gaps) / len(gaps)
+    return math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)), len(gaps)
 
 
 def domain_plot(result: dict[str, Any], path: Path) -> None:
@@ -476,16 +531,17 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
 def write_domain_table() -> Path:
     parts = []
     for name in DOMAINS:
-        path = RESULTS / f"refine-{name}.json"
-        if path.exists():
-            parts.append(domain_table(json.loads(path.read_text())))
+        for path in [RESULTS / f"refine-{name}.json", *sorted(RESULTS.glob(f"refine-{name}-*.json"))]:
+            if path.exists():
+                parts.append(domain_table(json.loads(path.read_text()), path.stem))
     missing = [name for name in DOMAINS if not (RESULTS / f"refine-{name}.json").exists()]
     if missing:
         parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
     target = RESULTS / "refine.md"
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
-            "per domain (writes `refine-NAME.json/.png`), then `python benchmarks/refine.py --table`. Protocol: "
-            "see the docstring of `benchmarks/refine.py`.\n\n")
+            "per domain (writes `refine-NAME.json/.png`; a variant of the search: `--starts N` / `--scalar-step X` "
+            "with `--reuse refine-NAME.json`, writing `refine-NAME-VARIANT.json`), then `python benchmarks/refine.py "
+            "--table`. Protocol: see the docstring of `benchmarks/refine.py`.\n\n")
     target.write_text(head + "\n".join(parts))
     return target
 
@@ -501,8 +557,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=DOMAIN_SEEDS)
     parser.add_argument("--out", default=str(RESULTS), help="folder of the domains' JSON/PNG (default: benchmarks/results)")
     parser.add_argument("--table", action="store_true", help="write benchmarks/results/refine.md from the domains' JSON")
+    parser.add_argument("--starts", type=int, help="a refinement variant: batch orders averaged per candidate")
+    parser.add_argument("--scalar-step", type=float, help="a refinement variant: factor of one step of the search")
+    parser.add_argument("--reuse", type=Path, help="a domain's earlier JSON: reuse its unrefined/AdamW/Muon rows, "
+                        "run only the (variant) refinement and the refined rule; writes refine-<domain>-<variant>.json")
     parser.add_argument("--merge", nargs="+", type=Path,
-                        help="merge one domain's JSON files over disjoint seeds into --out/refine-<domain>.json (+ plot)")
+                        help="merge one domain's JSON files over disjoint seeds into --out/<first file's name> (+ plot)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.domains or args.table or args.merge:
@@ -510,16 +570,24 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         if args.merge:
             merged = merge_domain_results(args.merge)
-            (out / f"refine-{merged['domain']}.json").write_text(results_json.dumps(merged, default=str))
-            domain_plot(merged, out / f"refine-{merged['domain']}.png")
-            print(domain_table(merged))
+            stem = args.merge[0].stem  # refine-<domain>[-<variant>]
+            (out / f"{stem}.json").write_text(results_json.dumps(merged, default=str))
+            domain_plot(merged, out / f"{stem}.png")
+            print(domain_table(merged, stem))
+        variant = {k: v for k, v in (("starts", args.starts), ("scalar_step", args.scalar_step)) if v is not None}
+        suffix = "".join(f"-{k.replace('_', '')}{v:g}" for k, v in sorted(variant.items()))
         for name in args.domains or []:
-            def save(result: dict[str, Any], name: str = name) -> None:
-                (out / f"refine-{name}.json").write_text(results_json.dumps(result, default=str))
-                domain_plot(result, out / f"refine-{name}.png")
-                print(domain_table(result), flush=True)
+            reuse = None
+            if args.reuse:
+                reuse = {**json.loads(args.reuse.read_text()), "source": str(args.reuse)}
 
-            run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains", save)
+            def save(result: dict[str, Any], name: str = name) -> None:
+                stem = f"refine-{name}{suffix}"
+                (out / f"{stem}.json").write_text(results_json.dumps(result, default=str))
+                domain_plot(result, out / f"{stem}.png")
+                print(domain_table(result, stem), flush=True)
+
+            run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains", save, variant, reuse)
         if args.table:
             print(f"wrote {write_domain_table()}")
         return

@@ -49,7 +49,7 @@ from ..recipes import parse_config
 from ..step import reference
 from . import tasks as T
 from ..step.optimizer import LearnedOptimizer
-from ..store.bundle import Bundle
+from ..store.bundle import Bundle, detect_regime
 from ..store.rule import LearnedRule
 from . import scalars
 from .trainer import ESTIMATORS, EstimatorConfig, MetaTrainConfig, MetaTrainer
@@ -282,7 +282,9 @@ class TransformersTask(T.ModuleTask):
 
     Inner batches come from ``train``, held-out batches for the meta-objective from ``held_out``. Every
     instance draws its own examples (data order differs per instance; ± copies share them).
-    ``initial_state`` (a bundle's named accumulators) seeds the accumulators of every episode.
+    ``initial_state`` (a bundle's named accumulators) seeds the accumulators of every episode. ``regime``
+    picks the rule's recommended lr in the unroll (`meta.unroll.task_lr`) and ``roles`` (parameter name → role)
+    the per-role multipliers: pass the bundle's, so that the unroll steps exactly as the bundle's optimizer does.
     """
 
     def __init__(
@@ -294,8 +296,12 @@ class TransformersTask(T.ModuleTask):
         meta_batch_size: int,
         initial_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         name: str = "transformers",
+        regime: str = "finetune",
+        roles: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(model, self._draw_train, self._loss_from_output, name=name)
+        self.regime = regime
+        self.roles = dict(roles or {})
         self.train, self.held_out = train, held_out
         self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
         self.initial_state = dict(initial_state or {})
@@ -407,10 +413,22 @@ def finetune_curve(
             "wall_s": time.perf_counter() - start, "passes": passes}
 
 
-def learned_optimizer_factory(rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float = 1.0):
-    """A `finetune_curve` optimizer factory for a rule (starting from a bundle's named accumulators)."""
+def learned_optimizer_factory(
+    rule: LearnedRule, state: Mapping[str, Any] | None = None, lr: float | None = None, regime: str = "finetune",
+    roles: Mapping[str, str] | None = None,
+):
+    """A `finetune_curve` optimizer factory for a rule (starting from a bundle's named accumulators).
+
+    ``lr=None`` runs the rule at its ``recommended_lr[regime]``, as `Bundle.optimizer()` and the refinement
+    unroll (`meta.unroll.task_lr`) do: for a format-2 rule ``lr`` is AdamW's learning rate, so a fixed 1.0 would
+    step it ~200× too far; for format-1 rules it is 1. ``regime``: "finetune" (refinement starts from a
+    pretrained bundle) or "scratch". ``roles``: parameter name → role (a bundle's `resolved_roles`); None
+    assigns them from names and shapes."""
     def make(named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        optimizer = LearnedOptimizer(named, rule, lr=lr)
+        params: Any = named
+        if roles is not None:
+            params = [{"params": list(named), "roles": [roles[n] for n, _ in named]}]
+        optimizer = LearnedOptimizer(params, rule, lr=lr, regime=regime)
         if state:
             optimizer.load_named_state(state)
         return optimizer
@@ -505,11 +523,13 @@ def refine_bundle(
     start_rule = with_lr_folded(parent, cfg.lr)
     out_dir = Path(cfg.out_dir)
     budget = phi_budget(cfg, len(held_out))
+    regime = bundle.regime or detect_regime(model)  # the unroll and the before/after run as bundle.optimizer() would
+    roles = bundle.resolved_roles(model)
     was_training = model.training
     model.eval()
     try:
         task = TransformersTask(model, train, held_out, cfg.batch_size, cfg.meta_batch_size,
-                                initial_state=bundle.state, name=dataset_name or "user-data")
+                                initial_state=bundle.state, name=dataset_name or "user-data", regime=regime, roles=roles)
         meta_config = _meta_config(cfg, parent_hash, budget and budget["meta_steps"])
         trainer = MetaTrainer(meta_config, task=task, out_dir=out_dir, initial=start_rule)
         refined = trainer.train()
@@ -518,7 +538,7 @@ def refine_bundle(
             return None
         comparison = None
         if cfg.compare_steps > 0:
-            comparison = compare_rules(model, start_rule, refined, bundle.state, train, held_out, cfg)
+            comparison = compare_rules(model, start_rule, refined, bundle.state, train, held_out, cfg, regime, roles)
             plot_refinement(trainer, comparison, out_dir / "refinement.png")
     finally:
         model.train(was_training)
@@ -644,13 +664,15 @@ def plot_scalar_refinement(runs: list[dict[str, Any]], chosen: int, comparison: 
 
 
 def compare_rules(model: nn.Module, parent: LearnedRule, refined: LearnedRule, state: Any, train: TokenData,
-                  held_out: TokenData, cfg: RefineConfig) -> dict[str, Any]:
-    """Fine-tune copies of ``model`` with the parent and the refined rule (same batches, steps, seed)."""
+                  held_out: TokenData, cfg: RefineConfig, regime: str = "finetune",
+                  roles: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Fine-tune copies of ``model`` with the parent and the refined rule (same batches, steps, seed), each at
+    its recommended lr for ``regime`` with ``roles`` (the bundle's)."""
     results = {}
     for label, rule in (("parent", parent), ("refined", refined)):
         copy_ = copy.deepcopy(model)
-        results[label] = finetune_curve(copy_, learned_optimizer_factory(rule, state), train, held_out,
-                                        cfg.compare_steps, seed=cfg.seed + 1, batch_size=cfg.batch_size,
+        results[label] = finetune_curve(copy_, learned_optimizer_factory(rule, state, regime=regime, roles=roles),
+                                        train, held_out, cfg.compare_steps, seed=cfg.seed + 1, batch_size=cfg.batch_size,
                                         eval_every=max(1, cfg.compare_steps // 8), progress=cfg.progress,
                                         desc=f"before/after: {label} rule")
         del copy_

@@ -115,11 +115,17 @@ def parameter_mask(config: RuleConfig, trainable: str | Sequence[str] = "all") -
 
 
 def task_roles(task: T.Task, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Role of each stacked parameter (`optbundle.step.roles`, from names and per-copy shapes), cached on the task."""
+    """Role of each stacked parameter (`optbundle.step.roles`): the task's own ``roles`` mapping when it names
+    every parameter (a refined bundle's roles, as its optimizer assigns them), else from names and per-copy
+    shapes; cached on the task."""
     roles = getattr(task, "_optbundle_roles", None)
     if roles is None or set(roles) != set(params):
         names = list(params)
-        roles = dict(zip(names, assign_roles([(k, tuple(params[k].shape[1:])) for k in names])))
+        given = getattr(task, "roles", None) or {}
+        if all(k in given for k in names):
+            roles = {k: given[k] for k in names}
+        else:
+            roles = dict(zip(names, assign_roles([(k, tuple(params[k].shape[1:])) for k in names])))
         try:
             task._optbundle_roles = roles
         except AttributeError:  # pragma: no cover - a task object that refuses attributes

@@ -4,6 +4,7 @@ Model: the tiny digits BERT of helpers.py (real data: scikit-learn digits as tok
 the real MiniLM on real SMS data for a couple of meta-steps.
 """
 
+import copy
 import json
 
 import pytest
@@ -12,7 +13,13 @@ import torch
 from helpers import digits_bert, digits_dataset
 from optbundle import Bundle, LearnedOptimizer, load_rule
 from optbundle.meta import unroll as U
-from optbundle.meta.refine import RefineConfig, TransformersTask, token_data
+from optbundle.meta.refine import (
+    RefineConfig,
+    TransformersTask,
+    finetune_curve,
+    learned_optimizer_factory,
+    token_data,
+)
 
 SMALL = dict(meta_steps=3, truncation=2, episode_length=[3, 6], pairs=2, batch_size=8, meta_batch_size=16,
              compare_steps=4, checkpoint_every=1, progress=False, sigma=0.05, outer_lr=0.05)
@@ -183,3 +190,38 @@ def test_before_after_runs_show_a_progress_bar_unless_quiet(tmp_path, capsys, pr
         assert (f"before/after: {label} rule" in err) == progress, err
     if progress:
         assert f"{SMALL['compare_steps']}/{SMALL['compare_steps']}" in err
+
+
+def test_learned_optimizer_factory_runs_a_rule_at_its_recommended_lr():
+    """A format-2 rule's lr is AdamW's: the factory (the phi path's before/after runs) must not run it at 1.0."""
+    named = list(digits_bert(0, hidden=16).named_parameters())
+    default, adam_init = load_rule("default"), load_rule("adam-init")
+    assert learned_optimizer_factory(default)(named).param_groups[0]["lr"] == default.config.recommended_lr["finetune"]
+    scratch = learned_optimizer_factory(default, regime="scratch")(named)
+    assert scratch.param_groups[0]["lr"] == default.config.recommended_lr["scratch"] and scratch.regime == "scratch"
+    assert learned_optimizer_factory(adam_init)(named).param_groups[0]["lr"] == 1.0  # format 1: a multiplier
+    roles = {n: "matrix" for n, _ in named}
+    assert set(learned_optimizer_factory(default, roles=roles)(named).param_groups[0]["roles"]) == {"matrix"}
+
+
+def test_phi_refinement_of_a_format2_rule_runs_as_the_bundles_optimizer(tmp_path):
+    """adapt="phi" on the shipped default: the unroll steps with the bundle's regime and roles, and the
+    before/after parent run is exactly a fine-tune with ``bundle.build_optimizer`` (same batches and seed)."""
+    train, held_out = digits_dataset(64), digits_dataset(32, offset=96)
+    bundle = Bundle(digits_bert(0, hidden=16), load_rule("default"), roles={"classifier.weight": "matrix"})
+    start = copy.deepcopy(bundle.model)
+    options = dict(SMALL, meta_steps=1, truncation=2, episode_length=[2, 2], pairs=1, outer_lr=0.0)
+    refined = bundle.refine(train, held_out, out_dir=str(tmp_path / "run"), **options)
+    reported = refined.rule.provenance["before_after"]["held_out_loss_parent"]
+    own = Bundle(start, load_rule("default"), roles=bundle.roles)
+    pad = 0
+    expected = finetune_curve(start, lambda _named: own.build_optimizer(start), token_data(train, pad, 128),
+                              token_data(held_out, pad, 128), options["compare_steps"], seed=1,  # refine seed 0, + 1
+                              batch_size=options["batch_size"])["final"]
+    assert reported == pytest.approx(expected, rel=1e-5)
+    # the unroll's task gets the bundle's roles (the override included) and regime
+    task = TransformersTask(bundle.model, token_data(train, pad, 128), token_data(held_out, pad, 128), 8, 16,
+                            regime=bundle.regime or "scratch", roles=bundle.resolved_roles(bundle.model))
+    roles = U.task_roles(task, task.init_params(torch.Generator().manual_seed(0), 2))
+    assert roles["classifier.weight"] == "matrix" and roles["classifier.bias"] == "vector"
+    assert U.task_lr(bundle.rule.config, task) == bundle.rule.config.recommended_lr["scratch"]

@@ -158,3 +158,30 @@ def test_phi_budget_caps_meta_steps():
     assert capped["passes"] == 5 * (40 + 2)
     assert capped["meta_steps"] == 5 * 42 // per_meta_step and capped["spent"] <= capped["passes"]
     assert phi_budget(RefineConfig.from_kwargs(), 128) is None
+
+
+def test_every_candidate_run_starts_fresh_and_the_refined_rule_keeps_lr_adaptation(tmp_path):
+    """default's per-tensor lr adaptation (`lr_log_scale` in optimizer state) starts at 0 in every candidate run:
+    the same candidate twice scores the same, the parent scores what a plain fine-tune with the bundle's optimizer
+    scores, and the refined rule keeps ``lr_adaptation``."""
+    from optbundle.meta.refine import finetune_curve, token_data
+
+    bundle = _bundle()
+    assert bundle.rule.config.lr_adaptation == "gradient_alignment"
+    train, held_out = token_data(digits_dataset(96), 0, 128), token_data(digits_dataset(48, offset=96), 0, 128)
+    runner = S.CandidateRunner(bundle, train, held_out, HORIZON, 8, [0], S.PassCounter(100), finetune_curve)
+    first, again = runner(bundle.rule, "parent")["held_out_loss"], runner(bundle.rule, "parent again")["held_out_loss"]
+    assert first == again
+    plain = Bundle(digits_bert(0, hidden=16), bundle.rule)
+    optimizers = []
+
+    def make(_named):
+        optimizers.append(plain.build_optimizer(plain.model))
+        return optimizers[-1]
+
+    assert finetune_curve(plain.model, make, train, held_out, HORIZON, seed=0, batch_size=8, eval_start=False)["final"] == first
+    adapted = [float(s["lr_log_scale"]) for s in optimizers[0].state.values()]
+    assert any(v != 0 for v in adapted)  # the adaptation ran, so a run that reused its state would score differently
+    refined = _refine(bundle, tmp_path, budget="sweep3")
+    assert refined.rule.config.lr_adaptation == bundle.rule.config.lr_adaptation
+    assert refined.rule.provenance["search"][0]["held_out_loss"] == first
