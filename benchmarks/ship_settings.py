@@ -40,12 +40,14 @@ _GA = dict(
     lr_adaptation="gradient_alignment", lr_adaptation_rate=0.03, lr_adaptation_bounds=[0.01, 10.0],
     lr_adaptation_momentum_index=1,
 )
+#: default-v6: the per-tensor scale may fall 4x at most (meta-training.md §8)
+_V6 = {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0]}
 SETTINGS = {
     "default-v4": dict(parent="default-v3", **_V4),
     "default-v5": dict(parent="default-v3", section="§7", **_V4, **_GA),
     # §8: the per-tensor scale may fall 4x at most (not 100x): the greedy alignment signal kept lowering the
     # language models' steps long after that stopped helping
-    "default-v6": dict(parent="default-v3", section="§8", **_V4, **{**_GA, "lr_adaptation_bounds": [0.25, 10.0]}),
+    "default-v6": dict(parent="default-v3", section="§8", **_V6),
 }
 
 
@@ -88,9 +90,8 @@ VARIANTS = {
     "v4-ga-T100": {**_V4, **_GA, "schedule_steps": 100.0},
     # §8: how far the per-tensor scale may fall, and a lower start with it
     **{f"v5-floor{lo:g}": {**_V4, **_GA, "lr_adaptation_bounds": [lo, 10.0]} for lo in (0.1, 0.25, 0.4)},
-    "v6-scratch1e-2": {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0], "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
-    "v6-scratch1e-2-T100": {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0], "schedule_steps": 100.0,
-                            "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
+    "v6-scratch1e-2": {**_V6, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
+    "v6-scratch1e-2-T100": {**_V6, "schedule_steps": 100.0, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
 }
 
 
