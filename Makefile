@@ -39,7 +39,8 @@ meta-train-default: $(STAMP)   # ≈70 min on one shared core (470 meta-steps); 
 	$(PY) -m optbundle.meta.train meta-train-default --ship default-v3
 	$(PY) benchmarks/ship_settings.py --name default-v4   # default-v3's φ at the settings chosen on the dev suite
 	$(PY) benchmarks/ship_settings.py --name default-v5   # default-v4 + per-tensor lr adaptation
-	$(PY) benchmarks/ship_settings.py --name default-v6   # default = default-v5 with the adaptation floor at 0.25
+	$(PY) benchmarks/ship_settings.py --name default-v6   # default-v5 with the adaptation floor at 0.25
+	$(PY) benchmarks/ship_settings.py --name default-v7   # default = default-v6 + depth-scaled fine-tuning lr, scale ≤ 4
 
 refine-minilm: $(STAMP)   # ≈25 min: meta-refine adam-init for MiniLM LoRA on VADER; resumable
 	$(PY) -m optbundle.cli refine recipes/refine-minilm-vader.yaml

@@ -42,12 +42,18 @@ _GA = dict(
 )
 #: default-v6: the per-tensor scale may fall 4x at most (meta-training.md §8)
 _V6 = {**_V4, **_GA, "lr_adaptation_bounds": [0.25, 10.0]}
+#: default-v7: depth-scaled fine-tuning lr, the per-tensor scale within [0.25, 4] (meta-training.md §9)
+_V7 = {**_V6, "lr_adaptation_bounds": [0.25, 4.0], "finetune_depth_matrices": 8, "finetune_depth_exponent": 0.5}
 SETTINGS = {
     "default-v4": dict(parent="default-v3", **_V4),
     "default-v5": dict(parent="default-v3", section="§7", **_V4, **_GA),
     # §8: the per-tensor scale may fall 4x at most (not 100x): the greedy alignment signal kept lowering the
     # language models' steps long after that stopped helping
     "default-v6": dict(parent="default-v3", section="§8", **_V6),
+    # §9: full fine-tuning of a deep pretrained model steps each pretrained tensor by √(8/n) when the optimizer
+    # trains n > 8 hidden matrices (8: the deepest fine-tuning episode of meta-training); the per-tensor scale
+    # may rise 4x at most
+    "default-v7": dict(parent="default-v3", section="§9", **_V7),
 }
 
 
@@ -92,6 +98,11 @@ VARIANTS = {
     **{f"v5-floor{lo:g}": {**_V4, **_GA, "lr_adaptation_bounds": [lo, 10.0]} for lo in (0.1, 0.25, 0.4)},
     "v6-scratch1e-2": {**_V6, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
     "v6-scratch1e-2-T100": {**_V6, "schedule_steps": 100.0, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
+    # §9: the fine-tuning lr of full fine-tuning (as a plain finetune lr; default-v7 scales it by depth instead),
+    # and the upper bound of the per-tensor scale
+    **{f"v6-ft{lr:g}": {**_V6, "recommended_lr": {"scratch": 3e-2, "finetune": lr}} for lr in (2e-3, 1e-3, 5e-4)},
+    "v6-hi4": {**_V6, "lr_adaptation_bounds": [0.25, 4.0]},
+    "v6-depth8-exp1": {**_V6, "finetune_depth_matrices": 8, "finetune_depth_exponent": 1.0},
 }
 
 
@@ -136,7 +147,7 @@ def ship(name: str, out: Path) -> LearnedRule:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="default-v6", choices=sorted(SETTINGS))
+    parser.add_argument("--name", default="default-v7", choices=sorted(SETTINGS))
     parser.add_argument("--out", type=Path, default=None, help="default: bundle/store/pretrained/NAME")
     parser.add_argument("--variants", type=Path, default=None, help="write the dev-suite variants here instead")
     args = parser.parse_args()

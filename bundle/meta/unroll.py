@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..step import reference
-from ..step.roles import assign_roles, regime_lr_factor
+from ..step.roles import assign_roles, regime_lr_factor, trained_matrices
 from ..step.rule import RuleConfig
 from ..store.rule import LearnedRule
 from . import tasks as T
@@ -178,12 +178,13 @@ def inner_step(
         del variables, model_params
     new_params, new_accumulators = {}, {}
     lr = task_lr(config, task)
+    regime, matrices = getattr(task, "regime", "scratch"), trained_matrices(list(roles.values()))
     context = torch.enable_grad() if differentiable else torch.no_grad()
     with context:
         for i, name in enumerate(names):
             new_params[name], new_accumulators[name] = reference.learned_update(
                 config, weights, leaves[i], grads[i].detach(), accumulators[name], batch_dims=1, role=roles[name],
-                lr=lr * regime_lr_factor(config, roles[name], getattr(task, "regime", "scratch")),
+                lr=lr * regime_lr_factor(config, roles[name], regime, matrices),
             )
             if consume:
                 leaves[i] = grads[i] = None

@@ -363,6 +363,7 @@ def fused_step_(
     lr: float,
     weight_decay: float,
     regime: str = "scratch",
+    matrices: int = 0,
 ) -> list[torch.Tensor]:
     """Step ``params`` (CPU, gradients in ``.grad``, states initialized, all supported) in place.
 
@@ -380,7 +381,7 @@ def fused_step_(
         shape = tuple(param.shape)
         orthogonal = config.output == "hybrid_residual" and is_orthogonalized(config, role, shape)
         multiplier = step_multiplier(config, role, shape) if config.output == "hybrid_residual" else 1.0
-        rows_lr.append((lr * regime_lr_factor(config, role, regime), weight_decay, multiplier))
+        rows_lr.append((lr * regime_lr_factor(config, role, regime, matrices), weight_decay, multiplier))
         rows = shape[0] if orthogonal else 1
         key = (orthogonal, rows, param.numel() // rows, param.dtype, param.grad.dtype)
         groups.setdefault(key, []).append(_Member(param, state, rows_lr[-1], index))

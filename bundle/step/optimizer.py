@@ -40,7 +40,7 @@ import torch
 from . import fast_step, fused_step
 from . import reference
 from ..files import StateMismatchError
-from .roles import assign_roles, check_roles, regime_lr_factor
+from .roles import assign_roles, check_roles, regime_lr_factor, trained_matrices
 from .rule import REGIMES, RuleNetwork
 from .vocabulary import MAX_GRADIENT_SQUARE_SUM  # every back end skips a tensor whose Σg² exceeds it
 
@@ -161,6 +161,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.rules: dict[str, RuleNetwork] = {name: r.requires_grad_(False) for name, r in rules.items()}
         self._scratch = fast_step.Scratch()  # work buffers of the torch path: not state, never saved
         self._roles: dict[torch.Tensor, str | None] = {}  # filled from the groups' "roles" at each step
+        self._matrices = 0  # role-"matrix" tensors over all groups (`roles.trained_matrices`), at each step
         super().__init__(params, dict(lr=float(lr), weight_decay=float(weight_decay), rule=default_rule))
         for index, group in enumerate(self.param_groups):
             if group["rule"] not in self.rules:
@@ -192,6 +193,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # every check first, so that a bad group or state raises before any tensor changes (all or nothing)
         plan = []
+        self._matrices = trained_matrices([role for group in self.param_groups for role in group.get("roles") or ()])
         for index, group in enumerate(self.param_groups):
             for key in ("lr", "weight_decay"):
                 value = group[key]
@@ -276,7 +278,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if config.output == "hybrid_residual" and backend != "reference":
             _log_once("the %s output form runs on the reference back end", config.output)
             backend = "reference"
-        if config.finetune_head_lr != "finetune" and self.regime == "finetune":  # per-role lr: the reference has it
+        if self.regime == "finetune" and (config.finetune_head_lr != "finetune" or config.finetune_depth_matrices):
+            # per-role lr: the reference has it
             backend = "reference"
         if backend == "triton":
             kernels = _triton_kernels()
@@ -315,7 +318,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return params
         if fused:
             rest += fused_step.fused_step_(config, weights, fused, [self.state[p] for p in fused],
-                                           [self._roles.get(p) for p in fused], lr, weight_decay, self.regime)
+                                           [self._roles.get(p) for p in fused], lr, weight_decay, self.regime,
+                                           self._matrices)
         return rest
 
     def _step_torch(self, params, rule, config, weights, backend, lr, weight_decay, workers) -> None:
@@ -356,7 +360,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return
         accumulators = {k: v for k, v in state.items() if k != "skipped_steps"}
         role = self._roles.get(param)
-        lr = lr * regime_lr_factor(config, role, self.regime)
+        lr = lr * regime_lr_factor(config, role, self.regime, self._matrices)
         new_param, new_state = reference.learned_update(
             config, weights, param.to(torch.float32), grad, accumulators, lr=lr, weight_decay=weight_decay,
             role=role,

@@ -82,10 +82,25 @@ def step_multiplier(config: RuleConfig, role: str | None, shape: Sequence[int]) 
     return multiplier
 
 
-def regime_lr_factor(config: RuleConfig, role: str | None, regime: str) -> float:
-    """The factor on ``lr`` for a tensor of ``role`` in ``regime``: with ``finetune_head_lr: scratch``, a head
-    being fine-tuned (a new layer on a pretrained body) trains at the scratch lr, i.e. ``lr`` ×
-    ``recommended_lr.scratch / recommended_lr.finetune``; 1 otherwise."""
-    if regime == "finetune" and role == "head" and config.finetune_head_lr == "scratch":
+def trained_matrices(roles: Sequence[str | None]) -> int:
+    """How many role-"matrix" tensors are among ``roles`` (the count `regime_lr_factor`'s depth scaling reads)."""
+    return sum(role == "matrix" for role in roles)
+
+
+def regime_lr_factor(config: RuleConfig, role: str | None, regime: str, matrices: int = 0) -> float:
+    """The factor on ``lr`` for a tensor of ``role`` in ``regime``, when the optimizer trains ``matrices``
+    role-"matrix" tensors (`trained_matrices`).
+
+    In the "finetune" regime: with ``finetune_head_lr: scratch``, a head (a new layer on a pretrained body) trains
+    at the scratch lr, i.e. ``lr · recommended_lr.scratch / recommended_lr.finetune``; with
+    ``finetune_depth_matrices`` B > 0, every pretrained tensor (not an adapter, not such a head) trains at
+    ``lr · min(1, B / matrices) ^ finetune_depth_exponent``. 1 otherwise (and always from scratch).
+    """
+    if regime != "finetune" or role is None:
+        return 1.0
+    if role == "head" and config.finetune_head_lr == "scratch":
         return float(config.recommended_lr["scratch"]) / float(config.recommended_lr["finetune"])
+    base = config.finetune_depth_matrices
+    if base and role != "adapter" and matrices > base:
+        return (base / matrices) ** float(config.finetune_depth_exponent)
     return 1.0

@@ -66,6 +66,9 @@ MAX_EPS = 1.0
 MAX_TIME_SCALE = 1e12
 MAX_MULTIPLIER = 1e6
 MAX_BASE_FAN_IN = 2**31
+#: Largest ``finetune_depth_matrices`` and ``finetune_depth_exponent``
+MAX_DEPTH_MATRICES = 2**31
+MAX_DEPTH_EXPONENT = 2.0
 
 #: Values the fields added in rule format 2 take for a format-1 rule (which behaves exactly as before).
 #: Fields added to format 2 after rules of it were published: a JSON without them gets these values, and a
@@ -77,6 +80,8 @@ LATE_DEFAULTS: dict[str, Any] = {
     "lr_adaptation_rate": 0.03,
     "lr_adaptation_bounds": [0.01, 10.0],
     "lr_adaptation_momentum_index": 1,
+    "finetune_depth_matrices": 0,
+    "finetune_depth_exponent": 0.5,
 }
 #: ``lr_adaptation`` values: "none", or "gradient_alignment" (per-tensor lr multiplier, see `RuleConfig`)
 LR_ADAPTATIONS = ("none", "gradient_alignment")
@@ -127,6 +132,14 @@ class RuleConfig:
     at ``lr · recommended_lr.scratch / recommended_lr.finetune``, i.e. as if trained from scratch
     (`roles.regime_lr_factor`). Pretrained output layers that should keep the fine-tuning lr are overridden to
     another role (``Bundle(roles=...)``); tied LM heads are embeddings and are not affected.
+
+    ``finetune_depth_matrices`` (format 2; 0 = off): in the "finetune" regime, the pretrained tensors (every role
+    but ``adapter``, and ``head`` under ``finetune_head_lr: scratch``: those are new layers) step at ``lr`` ×
+    ``min(1, finetune_depth_matrices / n) ^ finetune_depth_exponent``, where ``n`` is the number of role-"matrix"
+    tensors the optimizer trains: the more pretrained layers are trained at once, the smaller each one's step, so
+    that their changes, which add up through the network, move the function about as much as a few layers do
+    (`roles.regime_lr_factor`). Fine-tuning a top layer keeps the fine-tuning lr; full fine-tuning of a deep
+    model steps each layer less; LoRA (no pretrained matrix trained) is not affected.
 
     ``lr_adaptation`` "gradient_alignment" (format 2): each tensor keeps an lr multiplier ``s`` (state
     ``lr_log_scale`` = log s, starting at 0) that follows the sign of the alignment between the new gradient
@@ -179,6 +192,8 @@ class RuleConfig:
     lr_adaptation_rate: float = 0.03
     lr_adaptation_bounds: list[float] = field(default_factory=lambda: list(LATE_DEFAULTS["lr_adaptation_bounds"]))
     lr_adaptation_momentum_index: int = 1
+    finetune_depth_matrices: int = 0
+    finetune_depth_exponent: float = 0.5
     format_version: int = RULE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -338,6 +353,14 @@ class RuleConfig:
             raise bad("lr_adaptation_bounds", f"must be [lo, hi] with 0 < lo ≤ 1 ≤ hi ≤ {MAX_MULTIPLIER:g}, got {short_repr(bounds)}")
         if self.lr_adaptation != "none":
             check_momentum_index("lr_adaptation_momentum_index")
+        if not _is_int(self.finetune_depth_matrices) or not 0 <= self.finetune_depth_matrices <= MAX_DEPTH_MATRICES:
+            raise bad("finetune_depth_matrices", f"must be an integer in [0, {MAX_DEPTH_MATRICES}] (0: off), "
+                      f"got {short_repr(self.finetune_depth_matrices)}")
+        if not _is_number(self.finetune_depth_exponent) or not 0 <= self.finetune_depth_exponent <= MAX_DEPTH_EXPONENT:
+            raise bad("finetune_depth_exponent", f"must be a number in [0, {MAX_DEPTH_EXPONENT:g}], "
+                      f"got {short_repr(self.finetune_depth_exponent)}")
+        if self.finetune_depth_matrices and self.output != "hybrid_residual":
+            raise bad("finetune_depth_matrices", "needs the 'hybrid_residual' output (format 2, per-role lr); use 0")
 
     # ---- (de)serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -265,15 +265,15 @@ def test_shipped_meta_trained_rules_and_adam_init_remains(name, recipe):
 
 
 def test_default_is_default_v3_phi_with_the_shipped_settings_of_ship_settings():
-    """"default" (default-v6) is default-v3's φ bit for bit, with the settings of benchmarks/ship_settings.py."""
+    """"default" (default-v7) is default-v3's φ bit for bit, with the settings of benchmarks/ship_settings.py."""
     import dataclasses
 
     import ship_settings  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
     rule, parent = load_rule("default"), load_rule("default-v3")
-    assert rule.content_hash() == load_rule("default-v6").content_hash()
+    assert rule.content_hash() == load_rule("default-v7").content_hash()
     assert torch.equal(U.flatten_rule(rule), U.flatten_rule(parent))
-    settings = {k: v for k, v in ship_settings.SETTINGS["default-v6"].items() if k not in ("parent", "section")}
+    settings = {k: v for k, v in ship_settings.SETTINGS["default-v7"].items() if k not in ("parent", "section")}
     assert rule.config == dataclasses.replace(parent.config, **settings)
     assert rule.provenance["recipe"] == "meta-train-default"
     assert rule.provenance["settings_parent_rule"] == parent.content_hash()

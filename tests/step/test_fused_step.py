@@ -6,6 +6,8 @@ one smoke test compiles them (inductor's C++), once per process. Tolerances as i
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import pytest
@@ -16,7 +18,7 @@ from optbundle import LearnedOptimizer, load_rule
 from optbundle.step import fused_step
 from optbundle.step import optimizer as O
 from optbundle.step import reference as F
-from optbundle.step.roles import regime_lr_factor
+from optbundle.step.roles import regime_lr_factor, trained_matrices
 
 SHAPES = [  # (shape, role): 0-d, 1-element, odd sizes, factored matrices, 1×n, conv, every role
     ((), "vector"), ((1,), "vector"), ((7,), "vector"), ((33, 17), "matrix"), ((33, 17), "matrix"),
@@ -81,7 +83,7 @@ def run_parity(shapes, regime, steps, lr=None, weight_decay=0.1, seed=0, rule=No
         for p, old, state, role in zip(params, before, states, roles):
             if state is None:
                 state = F.init_state(config, p.shape)
-            tensor_lr = lr * regime_lr_factor(config, role, regime)
+            tensor_lr = lr * regime_lr_factor(config, role, regime, trained_matrices(roles))
             ref32 = _reference(config, weights, old, p.grad, state, tensor_lr, weight_decay, role, torch.float32)
             ref64 = _reference(config, weights, old, p.grad, state, tensor_lr, weight_decay, role, torch.float64)
             err = (p.detach().double() - ref64).abs().max().item()
@@ -102,6 +104,16 @@ def test_fused_matches_the_reference_over_20_steps(eager, spy, regime):
     run_parity(SHAPES, regime, steps=20)
     assert all(handed_back == [] for _, handed_back in spy)  # every tensor it was given went through the fused math
     assert len(spy[0][0]) == len(SHAPES) - 3  # all but the 0-d and the two 1-element tensors (the reference)
+
+
+def test_fused_applies_the_finetune_depth_scaling(eager, spy):
+    """A rule with ``finetune_depth_matrices`` below the 6 matrices of `SHAPES`: the fused back end steps the
+    pretrained tensors at the reference's smaller lr (run_parity compares with the depth factor applied)."""
+    rule = load_rule("default")
+    rule.config = dataclasses.replace(rule.config, finetune_depth_matrices=2, finetune_depth_exponent=1.0)
+    assert trained_matrices([role for _, role in SHAPES]) == 6
+    run_parity(SHAPES, "finetune", steps=5, rule=rule)
+    assert spy and all(handed_back == [] for _, handed_back in spy)
 
 
 def test_state_moves_between_fused_and_reference(eager, monkeypatch):

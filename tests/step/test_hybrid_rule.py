@@ -436,3 +436,53 @@ def test_inverse_sqrt_schedule_scales_each_step_by_the_rules_decay():
         RuleConfig(**{**HYBRID, "schedule": "inverse_sqrt", "schedule_steps": float("nan")})
     with pytest.raises(RuleConfigError, match="schedule"):
         RuleConfig(**{**HYBRID, "output": "adam_residual", "orthogonal_roles": [], "schedule": "inverse_sqrt"})
+
+
+def test_finetune_depth_scaling_steps_pretrained_tensors_less_when_many_matrices_train(tmp_path):
+    """``finetune_depth_matrices`` B: fine-tuning a model whose optimizer trains n > B hidden matrices steps every
+    pretrained tensor (matrices, biases; not a new head under ``finetune_head_lr: scratch``, not an adapter) at
+    ``(B/n)^exponent`` of the lr; n ≤ B, the scratch regime and B = 0 change nothing; the fields are validated,
+    round-trip, and rules saved without them keep their bytes."""
+    from optbundle.step.roles import regime_lr_factor, trained_matrices
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.ReLU()] + [m for _ in range(3) for m in (nn.Linear(16, 16), nn.ReLU())] + [nn.Linear(16, 3)]
+    model = nn.Sequential(*layers)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    names = [n for n, _ in model.named_parameters()]
+    roles = assign_roles([(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    assert trained_matrices(roles) == 4 and roles[-2] == "head"
+
+    def one_step(regime: str, **fields) -> dict[str, torch.Tensor]:
+        m = nn.Sequential(*[type(l)(l.in_features, l.out_features) if isinstance(l, nn.Linear) else l for l in layers])
+        m.load_state_dict(model.state_dict())
+        rule = hybrid_rule(finetune_head_lr="scratch", **fields)
+        opt = LearnedOptimizer([{"params": list(m.parameters()), "param_names": names}], rule, regime=regime)
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        return {n: (p.detach() - model.state_dict()[n]) for n, p in m.named_parameters()}
+
+    base = one_step("finetune")
+    for exponent in (0.5, 1.0):
+        deep = one_step("finetune", finetune_depth_matrices=2, finetune_depth_exponent=exponent)
+        for name, role in zip(names, roles):
+            expected = 1.0 if role == "head" else (2 / 4) ** exponent
+            torch.testing.assert_close(deep[name], base[name] * expected, rtol=1e-4, atol=1e-7)  # p's fp32 rounding
+    for regime, fields in (("finetune", dict(finetune_depth_matrices=4)), ("scratch", dict(finetune_depth_matrices=2))):
+        same, reference_step = one_step(regime, **fields), one_step(regime)
+        for name in names:
+            torch.testing.assert_close(same[name], reference_step[name], rtol=0, atol=0)
+
+    config = RuleConfig(**{**HYBRID, "finetune_depth_matrices": 8, "finetune_depth_exponent": 1.0})
+    assert regime_lr_factor(config, "adapter", "finetune", 100) == 1.0  # LoRA matrices are new, not pretrained
+    assert regime_lr_factor(config, "embedding", "finetune", 32) == pytest.approx(0.25)
+    assert regime_lr_factor(config, "matrix", "scratch", 32) == 1.0
+    rule = hybrid_rule(finetune_depth_matrices=8)
+    rule.save_pretrained(tmp_path / "r")
+    assert LearnedRule.from_pretrained(tmp_path / "r").config.finetune_depth_matrices == 8
+    assert "finetune_depth_matrices" not in json.loads(hybrid_rule().config.to_json())
+    for field, value in (("finetune_depth_matrices", -1), ("finetune_depth_matrices", 2.5), ("finetune_depth_exponent", 3.0)):
+        with pytest.raises(RuleConfigError, match=field):
+            RuleConfig(**{**HYBRID, field: value})
+    with pytest.raises(RuleConfigError, match="finetune_depth_matrices"):
+        RuleConfig(finetune_depth_matrices=8)

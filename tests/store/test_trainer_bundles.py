@@ -76,7 +76,7 @@ def test_trainer_push_to_hub_pushes_a_verified_bundle_with_a_card(hub, tmp_path)
     results = data["model-index"][0]["results"]
     values = {m["type"]: m["value"] for r in results for m in r["metrics"]}
     assert values["loss"] == pytest.approx(metrics["eval_loss"])
-    assert "default-v6" in card.text and loaded.rule.content_hash()[:16] in card.text
+    assert "default-v7" in card.text and loaded.rule.content_hash()[:16] in card.text
     assert "ADAMW" not in card.content
 
     # a plain model pushed on top breaks the manifest: the error says how to recover
