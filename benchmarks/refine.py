@@ -414,11 +414,12 @@ def index_loader(train: TokenData, **loader_options: Any) -> torch.utils.data.Da
 
 
 def finetune_online(model: torch.nn.Module, rule: Any, train: TokenData, steps: int, seed: int, batch_size: int,
-                    out_dir: Path, **callback_options: Any) -> dict[str, Any]:
+                    out_dir: Path, callback_seed: int | None = None, **callback_options: Any) -> dict[str, Any]:
     """Fine-tune ``model`` in place with a copy of ``rule`` under a real `transformers.Trainer` with
     `OnlineRefinementCallback(**callback_options)`, on `finetune_curve`'s batches of ``seed`` (`batch_order`),
     in eval mode (dropout off, probes too) and without gradient clipping, as `finetune_curve` steps: with
-    ``outer_lr=0`` the run equals `finetune_curve`'s. Returns the callback's probe count, seconds and history,
+    ``outer_lr=0`` the run equals `finetune_curve`'s; ``callback_seed`` (default ``seed``) seeds the probes'
+    perturbations and data order. Returns the callback's probe count, seconds and history,
     the probes' share of the training wall time, the passes they spent, and how far φ moved (‖Δφ‖/‖φ‖ on the
     refined part)."""
     import copy
@@ -443,7 +444,8 @@ def finetune_online(model: torch.nn.Module, rule: Any, train: TokenData, steps: 
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    callback = OnlineRefinementCallback(**{"train_mode": False, "seed": seed, **callback_options})
+    callback = OnlineRefinementCallback(**{"train_mode": False, **callback_options},
+                                        seed=seed if callback_seed is None else callback_seed)
     args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                              max_grad_norm=0.0, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
                              logging_steps=steps, seed=seed)
@@ -641,9 +643,9 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
         f"- selection noise: between two runs of one seed, the test-loss difference departs from the validation-loss"
         f" difference by **{noise:.4f}** (SD over {pairs} pairs of runs within {NOISE_WINDOW} on validation): a"
         f" validation gain below that is not a test gain",
-        "",
         *online_lines(result),
         *noise_lines(result),
+        "",
         f"![{result['domain']}]({stem}.png)",
         "",
     ]
@@ -673,7 +675,8 @@ def online_lines(result: dict[str, Any]) -> list[str]:
         f"- **online refinement** of `{result['online']['rule']}` (`OnlineRefinementCallback` in `transformers.Trainer`:"
         f" a probe every {opts['every']}"
         f" steps, {opts['pairs']} antithetic pair(s) × {opts['probe_steps']} steps, σ {opts['sigma']:g}, outer lr"
-        f" {opts['outer_lr']:g}, φ `{opts['trainable']}`; seeds {seeds}): test loss lower than unrefined by"
+        f" {opts['outer_lr']:g}, φ `{opts['trainable']}`; seeds {seeds}; {result['online']['wall_s'] / 60:.0f} min): test"
+        f" loss lower than unrefined by"
         f" **{d_mean:.4f} ± {d_se:.4f}** (SE, paired)" + (f" = {d_mean / d_se:.1f} SE" if d_se else " (one seed: no SE)"),
         f"- online cost: probes took **{shares}** of the training wall time ({seconds}); "
         f"{', '.join(str(r['probe_passes']) for r in rows)} probe passes per seed ({rows[0]['probes']} probes) on top of"
@@ -690,11 +693,15 @@ def noise_lines(result: dict[str, Any]) -> list[str]:
     noise = result.get("probe_noise")
     if not noise:
         return []
+    def snr(p: dict[str, Any]) -> float:  # the signal SD less the noise its batch-set means carry, per probe's noise
+        return math.sqrt(max(p["signal"] ** 2 - p["noise_of_mean"] ** 2, 0.0)) / p["noise"] if p["noise"] else float("nan")
+
     points = "; ".join(f"step {p['step']}: signal {p['signal']:.2g}, noise {p['noise']:.2g} (of the mean"
-                       f" {p['noise_of_mean']:.2g})" for p in noise["points"])
+                       f" {p['noise_of_mean']:.2g}), one probe's SNR **{snr(p):.1f}**" for p in noise["points"])
     return [f"- probe noise (`--probe-noise`, seed {noise['seed']}, {noise['directions']} directions ε ×"
             f" {noise['batch_sets']} probe batch sets, one pair, outer lr 0): SD of ℓ⁺ − ℓ⁻ over directions of its"
-            f" batch-set mean (signal) vs within a direction over batch sets (noise): {points}"]
+            f" batch-set mean (signal) vs within a direction over batch sets (noise); SNR = √(signal² − noise of the"
+            f" mean²) / noise: {points}"]
 
 
 #: pairs of runs whose validation losses differ by less than this enter `selection_noise` (near-ties: what the
@@ -758,6 +765,8 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
     first = results[0]
     if any(r["domain"] != first["domain"] or r["spec"] != first["spec"] for r in results):
         raise SystemExit("--merge: the files are not runs of the same domain and settings")
+    if any(r["parent_hash"] != first["parent_hash"] for r in results):
+        raise SystemExit("--merge: the files' unrefined rules differ (the default alias moved between the runs)")
     seeds = [s for r in results for s in r["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: seeds overlap: {seeds}")
@@ -842,7 +851,7 @@ def main() -> None:
                 result["probe_noise"] = probe_noise(name, args.threads, reuse, args.seeds[0], work)
                 save(result)
             elif args.online:
-                online = {k: v for k, v in (("outer_lr", args.online_outer_lr), ("seed", args.online_seed)) if v is not None}
+                online = {k: v for k, v in (("outer_lr", args.online_outer_lr), ("callback_seed", args.online_seed)) if v is not None}
                 base = reuse if reuse is not None and not variant else run_domain(name, args.threads, args.seeds, work,
                                                                                    None, variant, reuse)
                 run_online(name, args.threads, base, args.seeds, work, save, online)
