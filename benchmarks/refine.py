@@ -790,7 +790,10 @@ def write_domain_table() -> Path:
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
             "per domain (writes `refine-NAME.json/.png`; a variant of the search: `--starts N` / `--scalar-step X` "
             "with `--reuse refine-NAME.json`, writing `refine-NAME-VARIANT.json`), then `python benchmarks/refine.py "
-            "--table`. Protocol: see the docstring of `benchmarks/refine.py`.\n\n")
+            "--table`. The online arm: `--domains NAME --online --reuse benchmarks/results/refine-NAME.json --out DIR` "
+            "(adds its rows to `DIR/refine-NAME.json`; its probe noise: `--domains NAME --probe-noise --seeds 21 --reuse "
+            "DIR/refine-NAME.json --out DIR`), the result copied here. Protocol: see the docstring of "
+            "`benchmarks/refine.py`.\n\n")
     target.write_text(head + "\n".join(parts))
     return target
 
