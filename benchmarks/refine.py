@@ -44,6 +44,15 @@ optimizer of a seed sees the same batches for ``steps`` steps), what a user woul
 
 and all report the loss on the test split, which neither refinement nor any sweep saw. Cost: forward-backward
 passes (a held-out evaluation batch counts as one pass), refinement's counted by `optbundle.meta.scalars`.
+
+Online refinement (``--online``; issue 16, deliverable 4): the shipped default rule fine-tunes under a real
+`transformers.Trainer` with `OnlineRefinementCallback` (antithetic ES probes on φ's last layer during the run,
+settings `ONLINE`), fed the unrefined arm's batches of each seed in its eval mode without gradient clipping
+(`finetune_online`: with ``outer_lr=0`` it is the unrefined run). Reported: test loss, the probes' share of the
+training wall time and the passes they spent. With ``--reuse`` only the online arm runs, the other rows are kept:
+
+    python benchmarks/refine.py --domains minilm-lora-tweets --online \
+        --reuse benchmarks/results/refine-minilm-lora-tweets.json --out outputs/online  # refine-<domain>.json + online rows
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from optbundle.apps.finetune import build_datasets, load_model, load_tokenizer
 from optbundle.apps.refine import load_refine_recipe, run_refine_recipe
 from optbundle.meta.refine import (
     adamw_factory,
+    TokenData,
     finetune_curve,
     learned_optimizer_factory,
     token_data,
@@ -297,6 +307,14 @@ def domain_data(name: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
     return task, windows(tokens[:cut1]), windows(tokens[cut1:cut2], spec["val"]), windows(tokens[cut2:], spec["test"])
 
 
+def domain_tensors(name: str) -> tuple[Any, list[dict], list[dict], TokenData, TokenData, TokenData]:
+    """``(task, train_rows, val_rows, train, val, test)``: `domain_data` with the splits as `TokenData`."""
+    task, train_rows, val_rows, test_rows = domain_data(name)
+    pad = getattr(task.model.config, "pad_token_id", None) or 0
+    train, val, test = (token_data(r, pad, 512, what) for r, what in ((train_rows, "train"), (val_rows, "val"), (test_rows, "test")))
+    return task, train_rows, val_rows, train, val, test
+
+
 def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=None,
                refine_options: dict[str, Any] | None = None, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """All rows of one domain (see the module docstring); ``save(result)`` is called after every seed with
@@ -313,10 +331,8 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=No
 
     torch.set_num_threads(threads)
     spec = DOMAINS[name]
-    task, train_rows, val_rows, test_rows = domain_data(name)
+    task, train_rows, val_rows, train, val, test = domain_tensors(name)
     model = task.model
-    pad = getattr(model.config, "pad_token_id", None) or 0
-    train, val, test = (token_data(r, pad, 512, what) for r, what in ((train_rows, "train"), (val_rows, "val"), (test_rows, "test")))
     steps, batch = spec["steps"], spec["batch"]
     default = load_rule("default")
 
@@ -358,7 +374,7 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=No
             return run(label, None, lambda _n: Bundle(model, rule).build_optimizer(model), seed)
 
         if reuse is not None:
-            kept = [r for r in reuse["rows"] if r["seed"] == seed and r["optimizer"] != "refined rule"]
+            kept = [r for r in reuse["rows"] if r["seed"] == seed and r["optimizer"] not in ("refined rule", ONLINE_LABEL)]
         else:
             kept = [rule_row("unrefined rule", default)]
             kept += [run("AdamW", lr, adamw_factory(lr, WEIGHT_DECAY), seed) for lr in spec["lrs"]]
@@ -379,6 +395,177 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=No
     return result
 
 
+#: the online arm's `OnlineRefinementCallback` settings: a probe every 4 steps, 2 antithetic pairs sharing the
+#: probe's batches (variance control), 4-step truncations; the callback's defaults otherwise (σ 0.01, outer AdamW
+#: lr 1e-3, φ's last layer). Cost 2 · 2 · 4 = 16 passes per probe: 10 probes (160 passes) over MiniLM's 40 steps,
+#: 4 (64) over SmolLM2's 16, below the scalar refinement's sweep5 budget (210 / 85 passes)
+ONLINE = dict(every=4, probe_steps=4, pairs=2)
+ONLINE_LABEL = "online rule"
+
+
+def index_loader(train: TokenData, **loader_options: Any) -> torch.utils.data.DataLoader:
+    """A loader over ``train``'s example indices, batches collated as `TokenData.gather` (trimmed padding).
+    `OnlineRefinementCallback` builds its probe loader from this dataset, collator and batch size."""
+    def collate(index: list[int]) -> dict[str, torch.Tensor]:
+        ids, mask, labels = train.gather(torch.tensor(index))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return torch.utils.data.DataLoader(list(range(len(train))), collate_fn=collate, **loader_options)
+
+
+def finetune_online(model: torch.nn.Module, rule: Any, train: TokenData, steps: int, seed: int, batch_size: int,
+                    out_dir: Path, callback_seed: int | None = None, **callback_options: Any) -> dict[str, Any]:
+    """Fine-tune ``model`` in place with a copy of ``rule`` under a real `transformers.Trainer` with
+    `OnlineRefinementCallback(**callback_options)`, on `finetune_curve`'s batches of ``seed`` (`batch_order`),
+    in eval mode (dropout off, probes too) and without gradient clipping, as `finetune_curve` steps: with
+    ``outer_lr=0`` the run equals `finetune_curve`'s; ``callback_seed`` (default ``seed``) seeds the probes'
+    perturbations and data order. Returns the callback's probe count, seconds and history,
+    the probes' share of the training wall time, the passes they spent, and how far φ moved (‖Δφ‖/‖φ‖ on the
+    refined part)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+    from optbundle.meta.online import OnlineRefinementCallback
+    from optbundle.meta.refine import batch_order
+    from optbundle.meta.unroll import flatten_rule, parameter_mask
+    from optbundle.step.optimizer import constant_schedule
+
+    rule = copy.deepcopy(rule)  # the callback refines the rule object the optimizer holds
+    before = flatten_rule(rule)
+    optimizer = Bundle(model, rule).build_optimizer(model)
+    loader = index_loader(train, batch_sampler=[i.tolist() for i in batch_order(len(train), steps, batch_size, seed)])
+
+    class EvalModeTrainer(Trainer):
+        def get_train_dataloader(self):
+            return loader
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            model.eval()  # the protocol's mode (dropout off); training_step set train mode
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    callback = OnlineRefinementCallback(**{"train_mode": False, **callback_options},
+                                        seed=seed if callback_seed is None else callback_seed)
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+                             max_grad_norm=0.0, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
+                             logging_steps=steps, seed=seed)
+    trainer = EvalModeTrainer(model=model, args=args, optimizers=(optimizer, constant_schedule(optimizer)),
+                              callbacks=[callback])
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    after = flatten_rule(callback.refined_rule())
+    mask = parameter_mask(rule.config, callback.trainable).to(before.device).bool()
+    return {"wall_s": wall, "probes": callback.probes, "probe_seconds": callback.probe_seconds,
+            "probe_share": callback.probe_seconds / wall,
+            "probe_passes": callback.probes * 2 * callback.pairs * callback.probe_steps,
+            "phi_change": float((after - before)[mask].norm() / before[mask].norm()),
+            "history": callback.history, "options": {k: getattr(callback, k) for k in (
+                "every", "probe_steps", "pairs", "sigma", "outer_lr", "trainable", "seed", "train_mode")}}
+
+
+def base_rule_name(base: dict[str, Any]) -> str:
+    """The shipped name of a domain result's unrefined rule: ``default``, or the ``default-vN`` it was when the
+    result was measured (the alias has moved since)."""
+    from optbundle.store.rule import shipped_rule_names
+
+    names = ["default"] + [n for n in shipped_rule_names() if n.startswith("default-")]
+    name = next((n for n in names if load_rule(n).content_hash() == base["parent_hash"]), None)
+    if name is None:
+        raise SystemExit(f"the base result's unrefined rule {base['parent_hash']} is none of the shipped {names}")
+    return name
+
+
+def probe_noise(name: str, threads: int, base: dict[str, Any], seed: int, out_dir: Path, directions: int = 4,
+                batch_sets: int = 4, **settings: Any) -> dict[str, Any]:
+    """What one online probe measures: φ's meta-gradient or its batches. The base's unrefined rule trains
+    ``seed``'s batches (`finetune_curve`) up to each probe point (the online arm's first, middle and last but
+    one probe); there, for ``directions`` perturbations ε (callback ``seed``) × ``batch_sets`` probe data orders
+    (``data_seed``), one antithetic probe with outer lr 0 (the state is restored) gives Δ = ℓ⁺ − ℓ⁻ ≈ 2 ε·∇ℓ
+    on its batches. Per point: ``signal`` = SD over directions of the batch-set mean of Δ (the gradient along
+    random directions), ``noise`` = the within-direction SD over batch sets, ``noise_of_mean`` = noise / √batch_sets
+    (what the signal SD would be with no gradient at all)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from optbundle.meta.online import OnlineRefinementCallback
+
+    torch.set_num_threads(threads)
+    spec = DOMAINS[name]
+    task, _, _, train, val, _ = domain_tensors(name)
+    rule_name = base_rule_name(base)
+    rule, model = load_rule(rule_name), task.model
+    settings = {**ONLINE, **settings, "pairs": 1, "outer_lr": 0.0, "train_mode": False, "log": False}
+    every, steps = settings["every"], spec["steps"]
+    args = TrainingArguments(output_dir=str(out_dir / f"{name}-probe-noise"), max_grad_norm=0.0, report_to="none",
+                             use_cpu=True, per_device_train_batch_size=spec["batch"])
+    loader = index_loader(train, batch_size=spec["batch"])
+    points = []
+    for at in sorted({every, every * (steps // every // 2), steps - every}):
+        task.reset(seed)
+        made: list[torch.optim.Optimizer] = []
+
+        def make(_named, made=made):
+            made.append(Bundle(model, rule).build_optimizer(model))
+            return made[-1]
+
+        finetune_curve(model, make, train, val, at, seed=seed, batch_size=spec["batch"], eval_every=at + 1, eval_start=False)
+        deltas = []
+        for k in range(directions):
+            row = []
+            for b in range(batch_sets):
+                callback = OnlineRefinementCallback(**{**settings, "every": at, "seed": 1 + k, "data_seed": 100 + b})
+                callback.on_step_end(args, TrainerState(global_step=at), TrainerControl(), model=model,
+                                     optimizer=made[0], train_dataloader=loader)
+                row.append(callback.history[-1]["meta_loss_plus"] - callback.history[-1]["meta_loss_minus"])
+            deltas.append(row)
+        means = [sum(r) / batch_sets for r in deltas]
+        signal = _stats(means)[1]
+        noise = math.sqrt(sum(_stats(r)[1] ** 2 for r in deltas) / directions)
+        points.append({"step": at, "deltas": deltas, "signal": signal, "noise": noise,
+                       "noise_of_mean": noise / math.sqrt(batch_sets)})
+        print(f"{name} seed {seed} step {at}: Δ signal SD {signal:.2g}, batch noise SD {noise:.2g} "
+              f"(of a {batch_sets}-set mean {noise / math.sqrt(batch_sets):.2g})", flush=True)
+    return {"seed": seed, "rule": rule_name, "directions": directions, "batch_sets": batch_sets,
+            "settings": {k: v for k, v in settings.items() if k != "log"}, "points": points}
+
+
+def run_online(name: str, threads: int, base: dict[str, Any], seeds: list[int], out_dir: Path, save=None,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` (a `run_domain` result of ``name``) with the online arm's row added for each of ``seeds``: per seed
+    the base's unrefined rule (the shipped ``default`` or the ``default-vN`` it was when ``base`` ran) fine-tunes with `finetune_online` (the `ONLINE` settings updated by ``options``) on the
+    unrefined arm's batches, then validation and test loss as in `run_domain`; ``save(result)`` after every seed."""
+    from optbundle.meta.refine import evaluate_loss
+    from optbundle.meta.scalars import eval_passes
+
+    torch.set_num_threads(threads)
+    spec = DOMAINS[name]
+    if base["domain"] != name or base["spec"] != spec or not set(seeds) <= set(base["seeds"]):
+        raise SystemExit(f"--online: the base result is not a run of {name} with these settings and seeds {seeds}")
+    rule_name = base_rule_name(base)
+    default = load_rule(rule_name)
+    task, _, _, train, val, test = domain_tensors(name)
+    settings = {**ONLINE, **(options or {})}
+    result = {k: v for k, v in base.items() if k != "source"}
+    result["rows"] = [r for r in base["rows"] if r["optimizer"] != ONLINE_LABEL or r["seed"] not in seeds]
+    start = time.perf_counter()
+    for seed in seeds:
+        task.reset(seed)
+        online = finetune_online(task.model, default, train, spec["steps"], seed, spec["batch"],
+                                 out_dir / f"{name}-online" / f"seed{seed}", **settings)
+        row = {"optimizer": ONLINE_LABEL, "lr": None, "seed": seed, "val": evaluate_loss(task.model, val),
+               "test": evaluate_loss(task.model, test), **online}
+        row["diverged"] = not (math.isfinite(row["val"]) and math.isfinite(row["test"]))
+        row["passes"] = spec["steps"] + eval_passes(len(val)) + online["probe_passes"]
+        print(f"{name} seed {seed}: online val {row['val']:.4f} test {row['test']:.4f} ({row['wall_s']:.0f} s, "
+              f"probes {100 * row['probe_share']:.0f}% of it, {row['probe_passes']} passes, ‖Δφ‖/‖φ‖ "
+              f"{row['phi_change']:.2g})", flush=True)
+        result["rows"].append(row)
+        result["online"] = {"options": online["options"], "wall_s": time.perf_counter() - start, "threads": threads,
+                            "base": base.get("source"), "rule": rule_name}
+        if save is not None:
+            save(result)
+    return result
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     mean, std = _stats(values)
     return mean, std / math.sqrt(len(values)) if len(values) > 1 else 0.0
@@ -391,6 +578,10 @@ def domain_summary(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, list[float]] = {}
     for label in ("unrefined rule", "refined rule"):
         out[label] = [by(label, s)[0]["test"] for s in seeds]
+    online_seeds = [s for s in seeds if by(ONLINE_LABEL, s)]
+    if online_seeds:
+        out[f"{ONLINE_LABEL} (seeds {online_seeds})" if online_seeds != seeds else ONLINE_LABEL] = [
+            by(ONLINE_LABEL, s)[0]["test"] for s in online_seeds]
     for base in ("AdamW", "Muon"):
         picked = [min(by(base, s), key=lambda r: r["val"]) for s in seeds]
         out[f"{base} best-of-5 (picked by validation)"] = [r["test"] for r in picked]
@@ -452,11 +643,65 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
         f"- selection noise: between two runs of one seed, the test-loss difference departs from the validation-loss"
         f" difference by **{noise:.4f}** (SD over {pairs} pairs of runs within {NOISE_WINDOW} on validation): a"
         f" validation gain below that is not a test gain",
+        *online_lines(result),
+        *noise_lines(result),
         "",
         f"![{result['domain']}]({stem}.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def online_lines(result: dict[str, Any]) -> list[str]:
+    """The online arm's bullets of a domain's section (none without online rows): online vs unrefined paired
+    over the seeds both have, the probes' wall-time share and passes, and what the probes saw: the antithetic
+    meta-loss differences ℓ⁺ − ℓ⁻ (mean over a probe's pairs) and how far φ moved."""
+    online = {r["seed"]: r for r in result["rows"] if r["optimizer"] == ONLINE_LABEL}
+    if not online:
+        return []
+    unref = {r["seed"]: r["test"] for r in result["rows"] if r["optimizer"] == "unrefined rule"}
+    seeds = [s for s in result["seeds"] if s in online]
+    d_mean, d_se = _mean_se([unref[s] - online[s]["test"] for s in seeds])
+    rows = [online[s] for s in seeds]
+    diffs = [h["meta_loss_plus"] - h["meta_loss_minus"] for r in rows for h in r["history"]]
+    levels = [(h["meta_loss_plus"] + h["meta_loss_minus"]) / 2 for r in rows for h in r["history"]]
+    rms = math.sqrt(sum(d * d for d in diffs) / len(diffs)) if diffs else float("nan")
+    spent = [r["budget"]["spent"] for r in result["refinements"] if r["seed"] in online]
+    opts = result["online"]["options"]
+    shares = ", ".join(f"{100 * r['probe_share']:.0f}%" for r in rows)
+    seconds = ", ".join(f"{r['probe_seconds']:.0f}/{r['wall_s']:.0f} s" for r in rows)
+    moved = ", ".join(f"{r['phi_change']:.2g}" for r in rows)
+    return [
+        f"- **online refinement** of `{result['online']['rule']}` (`OnlineRefinementCallback` in `transformers.Trainer`:"
+        f" a probe every {opts['every']}"
+        f" steps, {opts['pairs']} antithetic pair(s) × {opts['probe_steps']} steps, σ {opts['sigma']:g}, outer lr"
+        f" {opts['outer_lr']:g}, φ `{opts['trainable']}`; seeds {seeds}; {result['online']['wall_s'] / 60:.0f} min): test"
+        f" loss lower than unrefined by"
+        f" **{d_mean:.4f} ± {d_se:.4f}** (SE, paired)" + (f" = {d_mean / d_se:.1f} SE" if d_se else " (one seed: no SE)"),
+        f"- online cost: probes took **{shares}** of the training wall time ({seconds}); "
+        f"{', '.join(str(r['probe_passes']) for r in rows)} probe passes per seed ({rows[0]['probes']} probes) on top of"
+        f" the {result['steps']} training steps, vs the scalar refinement's {', '.join(map(str, spent))} and the"
+        f" sweep's {result['sweep_passes']}",
+        f"- what the probes saw: meta-loss ℓ (mean log loss ratio over a probe) {min(levels):.3f} … {max(levels):.3f},"
+        f" antithetic differences ℓ⁺ − ℓ⁻ RMS {rms:.2g} (max |·| {max(map(abs, diffs)):.2g}, {len(diffs)} probes);"
+        f" φ moved ‖Δφ‖/‖φ‖ = {moved} on its refined part",
+    ]
+
+
+def noise_lines(result: dict[str, Any]) -> list[str]:
+    """The `probe_noise` bullet of a domain's section (none without it)."""
+    noise = result.get("probe_noise")
+    if not noise:
+        return []
+    def snr(p: dict[str, Any]) -> float:  # the signal SD less the noise its batch-set means carry, per probe's noise
+        return math.sqrt(max(p["signal"] ** 2 - p["noise_of_mean"] ** 2, 0.0)) / p["noise"] if p["noise"] else float("nan")
+
+    points = "; ".join(f"step {p['step']}: signal {p['signal']:.2g}, noise {p['noise']:.2g} (of the mean"
+                       f" {p['noise_of_mean']:.2g}), one probe's SNR **{snr(p):.1f}**" for p in noise["points"])
+    return [f"- probe noise (`--probe-noise`, seed {noise['seed']}, {noise['directions']} directions ε ×"
+            f" {noise['batch_sets']} probe batch sets, one pair, outer lr 0): SD of ℓ⁺ − ℓ⁻ over directions of its"
+            f" batch-set mean (signal) vs within a direction over batch sets (noise); SNR = √(signal² − noise of the"
+            f" mean²) / noise: {points}"]
 
 
 #: pairs of runs whose validation losses differ by less than this enter `selection_noise` (near-ties: what the
@@ -471,7 +716,7 @@ def selection_noise(result: dict[str, Any]) -> tuple[float, int]:
     both splits, so this is the held-out sampling noise of the comparisons a search on validation makes."""
     gaps = []
     for seed in result["seeds"]:
-        rows = [r for r in result["rows"] if r["seed"] == seed and r["optimizer"] != "refined rule"]
+        rows = [r for r in result["rows"] if r["seed"] == seed and r["optimizer"] not in ("refined rule", ONLINE_LABEL)]
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:
                 if abs(a["val"] - b["val"]) < NOISE_WINDOW:
@@ -497,7 +742,9 @@ def domain_plot(result: dict[str, Any], path: Path) -> None:
         stats = [_mean_se([r["test"] for r in rows if r["optimizer"] == base and r["lr"] == lr]) for lr in lrs]
         ax.errorbar(lrs, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", color=color, label=f"{base} sweep")
     summary = domain_summary(result)
-    for label, color in (("unrefined rule", "tab:gray"), ("refined rule", "tab:red")):
+    bands = [("unrefined rule", "tab:gray"), ("refined rule", "tab:red")]
+    bands += [(label, "tab:green") for label in summary if label.startswith(ONLINE_LABEL)]
+    for label, color in bands:
         mean, se = _mean_se(summary[label])
         ax.axhline(mean, color=color, label=f"{label} {mean:.4f} ± {se:.4f}")
         ax.axhspan(mean - se, mean + se, color=color, alpha=0.15)
@@ -518,6 +765,8 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
     first = results[0]
     if any(r["domain"] != first["domain"] or r["spec"] != first["spec"] for r in results):
         raise SystemExit("--merge: the files are not runs of the same domain and settings")
+    if any(r["parent_hash"] != first["parent_hash"] for r in results):
+        raise SystemExit("--merge: the files' unrefined rules differ (the default alias moved between the runs)")
     seeds = [s for r in results for s in r["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: seeds overlap: {seeds}")
@@ -541,7 +790,10 @@ def write_domain_table() -> Path:
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
             "per domain (writes `refine-NAME.json/.png`; a variant of the search: `--starts N` / `--scalar-step X` "
             "with `--reuse refine-NAME.json`, writing `refine-NAME-VARIANT.json`), then `python benchmarks/refine.py "
-            "--table`. Protocol: see the docstring of `benchmarks/refine.py`.\n\n")
+            "--table`. The online arm: `--domains NAME --online --reuse benchmarks/results/refine-NAME.json --out DIR` "
+            "(adds its rows to `DIR/refine-NAME.json`; its probe noise: `--domains NAME --probe-noise --seeds 21 --reuse "
+            "DIR/refine-NAME.json --out DIR`), the result copied here. Protocol: see the docstring of "
+            "`benchmarks/refine.py`.\n\n")
     target.write_text(head + "\n".join(parts))
     return target
 
@@ -561,6 +813,13 @@ def main() -> None:
     parser.add_argument("--scalar-step", type=float, help="a refinement variant: factor of one step of the search")
     parser.add_argument("--reuse", type=Path, help="a domain's earlier JSON: reuse its unrefined/AdamW/Muon rows, "
                         "run only the (variant) refinement and the refined rule; writes refine-<domain>-<variant>.json")
+    parser.add_argument("--online", action="store_true", help="add the online-refinement arm (OnlineRefinementCallback "
+                        "in transformers.Trainer); with --reuse only it runs, into refine-<domain>.json under --out")
+    parser.add_argument("--online-outer-lr", type=float, help="the online arm's outer AdamW lr on φ (default: the callback's)")
+    parser.add_argument("--online-seed", type=int, help="the online arm's callback seed (perturbations, probe batches; "
+                        "default: each run's seed)")
+    parser.add_argument("--probe-noise", action="store_true", help="with --reuse: add the meta-gradient noise of "
+                        "the online probes (probe_noise, first of --seeds) to the domain's JSON under --out")
     parser.add_argument("--merge", nargs="+", type=Path,
                         help="merge one domain's JSON files over disjoint seeds into --out/<first file's name> (+ plot)")
     args = parser.parse_args()
@@ -587,7 +846,20 @@ def main() -> None:
                 domain_plot(result, out / f"{stem}.png")
                 print(domain_table(result, stem), flush=True)
 
-            run_domain(name, args.threads, args.seeds, ROOT / "outputs" / "refine-domains", save, variant, reuse)
+            work = ROOT / "outputs" / "refine-domains"
+            if args.probe_noise:
+                if reuse is None:
+                    raise SystemExit("--probe-noise adds to a domain's JSON: give it with --reuse")
+                result = {k: v for k, v in reuse.items() if k != "source"}
+                result["probe_noise"] = probe_noise(name, args.threads, reuse, args.seeds[0], work)
+                save(result)
+            elif args.online:
+                online = {k: v for k, v in (("outer_lr", args.online_outer_lr), ("callback_seed", args.online_seed)) if v is not None}
+                base = reuse if reuse is not None and not variant else run_domain(name, args.threads, args.seeds, work,
+                                                                                   None, variant, reuse)
+                run_online(name, args.threads, base, args.seeds, work, save, online)
+            else:
+                run_domain(name, args.threads, args.seeds, work, save, variant, reuse)
         if args.table:
             print(f"wrote {write_domain_table()}")
         return

@@ -92,10 +92,16 @@ class OnlineRefinementCallback(TrainerCallback):
         gradient_clip: element-wise clip of the ES gradient (`sanitize_meta_gradient`).
         trainable: which part of φ is refined (`parameter_mask`: "last_layer", "first_layer", "all" or a
             list of φ tensor names).
-        seed: seeds the perturbations (with the global step) and the probe's data order.
+        seed: seeds the perturbations (with the global step) and, unless ``data_seed`` is given, the probe's data
+            order.
         rule_name: which of ``optimizer.rules`` to refine; default: the rule of the first param group.
         log: also append one entry per probe (and a summary at the end) to ``state.log_history``.
         meta_loss: clipping/transform of the meta-loss (default `MetaLossConfig()`: log of the clipped ratio).
+        data_seed: seeds the probe's data order instead of ``seed`` (the same perturbations on other batches:
+            how much the meta-gradient depends on the data, `benchmarks/refine.py --probe-noise`).
+        train_mode: run the probes in train mode (dropout on), as the Trainer's own steps run; ``False`` keeps the
+            mode the model is in at the end of a step (a training loop that steps in eval mode, dropout off,
+            probes in eval mode too: `benchmarks/refine.py --online`).
     """
 
     def __init__(
@@ -112,6 +118,8 @@ class OnlineRefinementCallback(TrainerCallback):
         rule_name: str | None = None,
         log: bool = True,
         meta_loss: MetaLossConfig | None = None,
+        train_mode: bool = True,
+        data_seed: int | None = None,
     ) -> None:
         for name, value in (("every", every), ("probe_steps", probe_steps), ("pairs", pairs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -133,6 +141,8 @@ class OnlineRefinementCallback(TrainerCallback):
         self.rule_name = rule_name
         self.log = log
         self.meta_loss = meta_loss or MetaLossConfig()
+        self.train_mode = bool(train_mode)
+        self.data_seed = self.seed if data_seed is None else int(data_seed)
 
         self.probes = 0
         self.probe_seconds = 0.0
@@ -255,7 +265,7 @@ class OnlineRefinementCallback(TrainerCallback):
         if batch_size is None:
             batch_size = args.per_device_train_batch_size
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-        self._data_generator = torch.Generator().manual_seed(self.seed)
+        self._data_generator = torch.Generator().manual_seed(self.data_seed)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
@@ -286,7 +296,8 @@ class OnlineRefinementCallback(TrainerCallback):
             plus_losses, minus_losses = [], []
             initial = None
             try:
-                model.train()
+                if self.train_mode:
+                    model.train()
                 epsilons = perturbations(self.pairs, theta, self.sigma, mask, generator)
                 for epsilon in epsilons:
                     for sign, meta_losses in ((1.0, plus_losses), (-1.0, minus_losses)):

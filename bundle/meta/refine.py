@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,15 @@ def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = scalars.E
     return total / max(count, 1)
 
 
+def batch_order(size: int, steps: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The example indices of each of ``steps`` batches of `finetune_curve`: drawn with replacement from
+    ``range(size)`` by a generator seeded with ``seed``, so every optimizer (and a `transformers.Trainer` fed
+    this order) sees the same batches for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(0, size, (batch_size,), generator=generator)
+
+
 def finetune_curve(
     model: nn.Module,
     make_optimizer: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer],
@@ -389,13 +398,12 @@ def finetune_curve(
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(named)
-    generator = torch.Generator().manual_seed(seed)
     curve = [(0, evaluate_loss(model, held_out))] if eval_start else []
     train_losses = []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=1.0)
-    for step in range(1, steps + 1):
-        ids, mask, labels = train.gather(torch.randint(0, len(train), (batch_size,), generator=generator))
+    for step, index in enumerate(batch_order(len(train), steps, batch_size, seed), start=1):
+        ids, mask, labels = train.gather(index)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
