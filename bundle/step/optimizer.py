@@ -278,8 +278,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if config.output == "hybrid_residual" and backend != "reference":
             _log_once("the %s output form runs on the reference back end", config.output)
             backend = "reference"
-        if self.regime == "finetune" and (config.finetune_head_lr != "finetune" or config.finetune_depth_matrices):
-            # per-role lr: the reference has it
+        if config.finetune_head_lr != "finetune" and self.regime == "finetune":  # per-role lr: the reference has it
             backend = "reference"
         if backend == "triton":
             kernels = _triton_kernels()
