@@ -98,11 +98,14 @@ VARIANTS = {
     **{f"v5-floor{lo:g}": {**_V4, **_GA, "lr_adaptation_bounds": [lo, 10.0]} for lo in (0.1, 0.25, 0.4)},
     "v6-scratch1e-2": {**_V6, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
     "v6-scratch1e-2-T100": {**_V6, "schedule_steps": 100.0, "recommended_lr": {"scratch": 1e-2, "finetune": 5e-3}},
-    # §9: the fine-tuning lr of full fine-tuning (as a plain finetune lr; default-v7 scales it by depth instead),
-    # and the upper bound of the per-tensor scale
-    **{f"v6-ft{lr:g}": {**_V6, "recommended_lr": {"scratch": 3e-2, "finetune": lr}} for lr in (2e-3, 1e-3, 5e-4)},
+    # §9: a lower fine-tuning lr for every pretrained tensor, LoRA adapters kept at 5e-3 (default-v7 scales the
+    # pretrained tensors' lr by depth instead), and the upper bound of the per-tensor scale
+    **{
+        f"v6-ft{lr:g}": {**_V6, "recommended_lr": {"scratch": 3e-2, "finetune": lr},
+                         "role_lr": {**_V4["role_lr"], "adapter": 5e-3 / lr}}
+        for lr in (2e-3, 1e-3, 5e-4)
+    },
     "v6-hi4": {**_V6, "lr_adaptation_bounds": [0.25, 4.0]},
-    "v6-depth8-exp1": {**_V6, "finetune_depth_matrices": 8, "finetune_depth_exponent": 1.0},
 }
 
 
