@@ -271,6 +271,14 @@ DOMAINS = {
                                val=128, test=256, steps=20, batch=8, lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
     "smollm2-lora-tragedies": dict(task="smollm2", context=32, val=16, test=32, steps=16, batch=2,
                                    lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+    # a development domain (the data of the dev suite's full fine-tuning task), for choosing refinement
+    # settings; never a row of the evidence
+    "dev-minilm-full-nyt": dict(task="full", data="vader-nytEditorialSnippets", count=5190, max_length=32,
+                                train=2400, val=128, test=256, steps=20, batch=8, lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3]),
+    # the tweets domain with 4x the validation split (and 2x the test split): what the selection noise of the
+    # 128-example split (0.043, refine.md) costs the search and the sweeps' picks
+    "minilm-lora-tweets-val512": dict(task="lora", data="vader-tweets", count=4200, max_length=32, train=2400,
+                                      val=512, test=512, steps=40, batch=8, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
 }
 DOMAIN_SEEDS = [21, 22, 23]
 SWEEP_POINTS = 5
@@ -780,7 +788,9 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
 def write_domain_table() -> Path:
     parts = []
     for name in DOMAINS:
-        for path in [RESULTS / f"refine-{name}.json", *sorted(RESULTS.glob(f"refine-{name}-*.json"))]:
+        variants = [p for p in sorted(RESULTS.glob(f"refine-{name}-*.json"))
+                    if not any(p.stem.startswith(f"refine-{other}") for other in DOMAINS if other.startswith(f"{name}-"))]
+        for path in [RESULTS / f"refine-{name}.json", *variants]:
             if path.exists():
                 parts.append(domain_table(json.loads(path.read_text()), path.stem))
     missing = [name for name in DOMAINS if not (RESULTS / f"refine-{name}.json").exists()]
@@ -789,7 +799,7 @@ def write_domain_table() -> Path:
     target = RESULTS / "refine.md"
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
             "per domain (writes `refine-NAME.json/.png`; a variant of the search: `--starts N` / `--scalar-step X` "
-            "with `--reuse refine-NAME.json`, writing `refine-NAME-VARIANT.json`), then `python benchmarks/refine.py "
+            "/ `--significance Z` with `--reuse refine-NAME.json`, writing `refine-NAME-VARIANT.json`), then `python benchmarks/refine.py "
             "--table`. The online arm: `--domains NAME --online --reuse benchmarks/results/refine-NAME.json --out DIR` "
             "(adds its rows to `DIR/refine-NAME.json`; its probe noise: `--domains NAME --probe-noise --seeds 21 --reuse "
             "DIR/refine-NAME.json --out DIR`), the result copied here. Protocol: see the docstring of "
@@ -811,6 +821,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="write benchmarks/results/refine.md from the domains' JSON")
     parser.add_argument("--starts", type=int, help="a refinement variant: batch orders averaged per candidate")
     parser.add_argument("--scalar-step", type=float, help="a refinement variant: factor of one step of the search")
+    parser.add_argument("--significance", type=float, help="a refinement variant: the search's significance gate "
+                        "(standard errors a candidate must beat the best by, paired over held-out chunks)")
     parser.add_argument("--reuse", type=Path, help="a domain's earlier JSON: reuse its unrefined/AdamW/Muon rows, "
                         "run only the (variant) refinement and the refined rule; writes refine-<domain>-<variant>.json")
     parser.add_argument("--online", action="store_true", help="add the online-refinement arm (OnlineRefinementCallback "
@@ -833,7 +845,8 @@ def main() -> None:
             (out / f"{stem}.json").write_text(results_json.dumps(merged, default=str))
             domain_plot(merged, out / f"{stem}.png")
             print(domain_table(merged, stem))
-        variant = {k: v for k, v in (("starts", args.starts), ("scalar_step", args.scalar_step)) if v is not None}
+        variant = {k: v for k, v in (("starts", args.starts), ("scalar_step", args.scalar_step),
+                                     ("significance", args.significance)) if v is not None}
         suffix = "".join(f"-{k.replace('_', '')}{v:g}" for k, v in sorted(variant.items()))
         for name in args.domains or []:
             reuse = None

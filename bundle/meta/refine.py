@@ -111,6 +111,12 @@ class RefineConfig(EstimatorConfig):
     starts: int = 1
     #: the scalars to adapt (None: all that apply, `meta.scalars.scalar_names`)
     scalars: list[str] | None = None
+    #: significance gate of the scalar search: a candidate replaces the best only when its held-out loss is lower
+    #: by more than this many standard errors (paired over held-out chunks); 0: any lower loss wins
+    significance: float = 0.0
+    #: lr multiplier around which the search tries the Adam form of the orthogonalized roles (×scalar_step², ×1,
+    #: ×1/scalar_step²) when the model trains such a tensor (`meta.scalars`); None: never
+    adam_form_lr: float | None = 0.125
 
     def __post_init__(self) -> None:
         problems = []
@@ -122,6 +128,12 @@ class RefineConfig(EstimatorConfig):
             problems.append(f"scalar_step must be > 1, got {self.scalar_step!r}")
         if not (isinstance(self.starts, int) and self.starts >= 1):
             problems.append(f"starts must be a positive integer, got {self.starts!r}")
+        if self.adam_form_lr is not None and (isinstance(self.adam_form_lr, bool) or not (
+                isinstance(self.adam_form_lr, (int, float)) and 0 < self.adam_form_lr < math.inf)):
+            problems.append(f"adam_form_lr must be a positive lr multiplier or None, got {self.adam_form_lr!r}")
+        if isinstance(self.significance, bool) or not (isinstance(self.significance, (int, float))
+                                                       and 0 <= self.significance < math.inf):
+            problems.append(f"significance must be a number ≥ 0 (standard errors; 0: no gate), got {self.significance!r}")
         if self.budget is not None:
             try:
                 scalars.resolve_budget(self.budget, 1, 1)
@@ -363,6 +375,24 @@ def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = scalars.E
     return total / max(count, 1)
 
 
+def evaluate_chunks(model: nn.Module, data: TokenData, chunks: int,
+                    batch_size: int = scalars.EVAL_BATCH_SIZE) -> tuple[float, list[float]]:
+    """``(mean loss, per-chunk mean losses)`` of ``model`` over ``data`` cut into ``min(chunks, len(data))``
+    contiguous chunks of (nearly) equal size, each scored in batches of at most ``batch_size``; the mean is
+    weighted by examples, as `evaluate_loss`."""
+    parts = torch.tensor_split(torch.arange(len(data)), min(chunks, len(data)))
+    losses, total = [], 0.0
+    with torch.no_grad():
+        for part in parts:
+            chunk_total = 0.0
+            for index in part.split(batch_size):
+                ids, mask, labels = data.gather(index)
+                chunk_total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * ids.shape[0]
+            losses.append(chunk_total / len(part))
+            total += chunk_total
+    return total / max(len(data), 1), losses
+
+
 def batch_order(size: int, steps: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """The example indices of each of ``steps`` batches of `finetune_curve`: drawn with replacement from
     ``range(size)`` by a generator seeded with ``seed``, so every optimizer (and a `transformers.Trainer` fed
@@ -384,6 +414,7 @@ def finetune_curve(
     progress: bool = False,
     desc: str = "fine-tuning",
     eval_start: bool = True,
+    chunks: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place for ``steps`` steps on batches drawn with ``seed`` (identical for every
     optimizer given the same seed) and return the held-out loss curve ``[(step, loss), ...]`` and wall time.
@@ -391,7 +422,8 @@ def finetune_curve(
     The model runs in eval mode (dropout off), the setting refinement optimizes for; ``make_optimizer``
     receives the named trainable parameters. ``progress``: a tqdm bar over the steps, labelled ``desc``.
     ``eval_start=False`` skips the evaluation before the first step. ``passes``: the forward-backward passes
-    spent (one per step, one per held-out evaluation batch of `evaluate_loss`).
+    spent (one per step, one per held-out evaluation batch of `evaluate_loss`). ``chunks`` > 0: the last
+    evaluation is `evaluate_chunks` (the same examples, counted the same), its per-chunk losses in ``final_chunks``.
     """
     from tqdm.auto import tqdm  # loaded on first use
 
@@ -399,7 +431,7 @@ def finetune_curve(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(named)
     curve = [(0, evaluate_loss(model, held_out))] if eval_start else []
-    train_losses = []
+    train_losses, final_chunks = [], None
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=1.0)
     for step, index in enumerate(batch_order(len(train), steps, batch_size, seed), start=1):
@@ -409,7 +441,10 @@ def finetune_curve(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_losses.append(float(loss.detach()))
-        if step % eval_every == 0 or step == steps:
+        if chunks and step == steps:
+            final, final_chunks = evaluate_chunks(model, held_out, chunks)
+            curve.append((step, final))
+        elif step % eval_every == 0 or step == steps:
             curve.append((step, evaluate_loss(model, held_out)))
             bar.set_postfix(held_out_loss=f"{curve[-1][1]:.4f}")
         bar.update(1)
@@ -417,8 +452,11 @@ def finetune_curve(
     finite = all(math.isfinite(v) for _, v in curve)
     finite = finite and all(math.isfinite(v) for v in train_losses)
     passes = steps + len(curve) * scalars.eval_passes(len(held_out))
-    return {"curve": curve, "final": curve[-1][1], "train_losses": train_losses, "diverged": not finite,
-            "wall_s": time.perf_counter() - start, "passes": passes}
+    result = {"curve": curve, "final": curve[-1][1], "train_losses": train_losses, "diverged": not finite,
+              "wall_s": time.perf_counter() - start, "passes": passes}
+    if chunks:
+        result["final_chunks"] = final_chunks
+    return result
 
 
 def learned_optimizer_factory(
@@ -584,17 +622,20 @@ def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dic
     names = list(cfg.scalars) if cfg.scalars is not None else scalars.scalar_names(parent, present)
     scalars.scaled_rule(parent, {name: 0.0 for name in names})  # unknown names fail here, before any run
     runner = scalars.CandidateRunner(bundle, train, held_out, horizon, cfg.batch_size,
-                                     [cfg.seed + i for i in range(cfg.starts)], counter, finetune_curve)
+                                     [cfg.seed + i for i in range(cfg.starts)], counter, finetune_curve,
+                                     chunks=scalars.HELD_OUT_CHUNKS if cfg.significance > 0 else 0)
     if not counter.affords(runner.candidate_passes):
         raise ValueError(f"budget {cfg.budget or 'sweep5'!r} ({passes} passes) does not pay for one run "
                          f"({runner.candidate_passes} passes: {horizon} steps + held-out evaluation, × starts={cfg.starts})")
     runs: list[dict[str, Any]] = []
 
-    def evaluate(log_scales: dict[str, float], label: str) -> float:
+    def evaluate(log_scales: dict[str, float], label: str) -> float | tuple[float, list[float] | None]:
         result = runner(scalars.scaled_rule(parent, log_scales), label)
         runs.append({"label": label, **result})
         logger.info("scalar refinement: %s -> held-out loss %.4f (%d/%d passes)", label, result["held_out_loss"],
                     counter.spent, counter.budget)
+        if cfg.significance > 0:
+            return result["held_out_loss"], result["held_out_chunks"]
         return result["held_out_loss"]
 
     was_training, threads = model.training, torch.get_num_threads()
@@ -604,15 +645,16 @@ def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dic
     start = time.perf_counter()
     try:
         best, history = scalars.coordinate_search(
-            evaluate, names, lambda: counter.affords(runner.candidate_passes), cfg.scalar_step
+            evaluate, names, lambda: counter.affords(runner.candidate_passes), cfg.scalar_step, cfg.significance,
+            scalars.form_alternatives(names, cfg.adam_form_lr, cfg.scalar_step),
         )
     finally:
         model.train(was_training)
         torch.set_num_threads(threads)
     refined = scalars.scaled_rule(parent, best)
-    chosen = min(range(len(history)), key=lambda i: history[i]["held_out_loss"])
+    chosen = next(i for i, h in enumerate(history) if h["log_scales"] == best)  # the gate may keep a higher loss
     before, after = history[0]["held_out_loss"], history[chosen]["held_out_loss"]
-    factors = {name: math.exp(value) for name, value in best.items()}
+    factors = {name: scalars.factor(name, value) for name, value in best.items()}
     comparison = {"steps": horizon, "seed": cfg.seed, "starts": cfg.starts, "held_out_loss_parent": before,
                   "held_out_loss_refined": after, "ratio": after / before if before else float("nan")}
     changed = {name: factor for name, factor in factors.items() if best[name]}
@@ -627,7 +669,8 @@ def refine_scalars(bundle: Any, train: TokenData, held_out: TokenData, data: dic
         "budget": {"budget": cfg.budget or "sweep5", "description": what, "passes": counter.budget,
                    "spent": counter.spent, "runs": len(history), "passes_per_run": runner.candidate_passes},
         "search": [{"label": r["label"], "held_out_loss": h["held_out_loss"],
-                    "scales": {k: math.exp(v) for k, v in h["log_scales"].items() if v}} for r, h in zip(runs, history)],
+                    "scales": {k: scalars.factor(k, v) for k, v in h["log_scales"].items() if v},
+                    **({"z": h["z"]} if "z" in h else {})} for r, h in zip(runs, history)],
         "before_after": comparison,
         "wall_time_s": time.perf_counter() - start,
         "results": {"parent rule": {"held_out_loss": before, "passes": runner.candidate_passes},

@@ -134,7 +134,14 @@ def test_scaled_rule_moves_only_the_named_scalars():
     assert config.schedule_steps == pytest.approx(3 * parent.schedule_steps)
     assert S.scaled_rule(rule, {}).content_hash() == rule.content_hash()
     assert S.scalar_names(rule, ["adapter", "head", "vector"]) == ["lr", "role_lr.head", "role_lr.adapter", "role_lr.vector", "schedule_steps"]
-    assert S.scalar_names(rule, ["matrix"]) == ["lr", "schedule_steps"]
+    assert S.scalar_names(rule, ["matrix"]) == ["lr", "schedule_steps", "adam_form"]  # default orthogonalizes matrices
+    assert S.scalar_names(rule, ["adapter", "head"]) == ["lr", "role_lr.head", "role_lr.adapter", "schedule_steps"]
+    adam = S.scaled_rule(rule, {"adam_form": 1.0, "lr": math.log(0.125)})
+    assert adam.config.orthogonal_roles == [] and rule.config.orthogonal_roles == ["matrix"]
+    assert adam.config.recommended_lr == pytest.approx({k: v / 8 for k, v in parent.recommended_lr.items()})
+    assert S.scaled_rule(rule, {"adam_form": 0.0}).content_hash() == rule.content_hash()
+    with pytest.raises(ValueError, match="adam_form"):
+        S.scaled_rule(rule, {"adam_form": 0.5})
 
 
 def test_coordinate_search_finds_a_quadratic_minimum_within_its_evaluations():
@@ -185,3 +192,92 @@ def test_every_candidate_run_starts_fresh_and_the_refined_rule_keeps_lr_adaptati
     refined = _refine(bundle, tmp_path, budget="sweep3")
     assert refined.rule.config.lr_adaptation == bundle.rule.config.lr_adaptation
     assert refined.rule.provenance["search"][0]["held_out_loss"] == first
+
+
+def test_paired_z_reads_a_consistent_gain_and_ignores_noise():
+    best = [0.5 + 0.1 * (i % 4) for i in range(16)]
+    shifted = [b - 0.02 + 0.001 * (i % 3) for i, b in enumerate(best)]  # every chunk lower by about 0.02
+    assert S.paired_z(best, shifted) > 10
+    noisy = [b + (0.2 if i % 2 else -0.21) for i, b in enumerate(best)]  # mean 0.005 lower, chunks ±0.2
+    assert 0 < S.paired_z(best, noisy) < 0.5
+    assert S.paired_z(best, None) == -math.inf and S.paired_z(None, best) == math.inf
+    with pytest.raises(ValueError):
+        S.paired_z(best, best[:-1])
+
+
+def _chunked(target, noise, curvature, seed=0):
+    """A search objective returning (mean, 16 chunk losses): a quadratic in lr, and per-chunk noise of SD
+    ``noise`` that depends on the candidate (as another run's luck on each held-out chunk)."""
+    def evaluate(x, label):
+        g = torch.Generator().manual_seed(seed * 7919 + len(label) * 1009 + int(1e6 * abs(x["lr"])) % 100003)
+        base = curvature * (x["lr"] - target) ** 2
+        chunks = [base + noise * float(torch.randn((), generator=g)) for _ in range(16)]
+        return sum(chunks) / 16, chunks
+    return evaluate
+
+
+def test_significance_gate_keeps_the_parent_against_noise_and_takes_a_real_gain():
+    # a nearly flat objective (true gains < 0.001) under chunk noise of SD 0.1, 40 draws of the noise: the plain
+    # search follows the noise away from the parent most of the time, the gate rarely (≈ 2.5% per comparison)
+    moved_free = moved_gated = 0
+    for seed in range(40):
+        noise_only = _chunked(math.log(1.1), 0.1, 0.001, seed)
+        free, free_history = S.coordinate_search(noise_only, ["lr"], lambda: True, 2.0)
+        gated, gated_history = S.coordinate_search(noise_only, ["lr"], lambda: True, 2.0, significance=2.0)
+        moved_free += free != {"lr": 0.0}
+        moved_gated += gated != {"lr": 0.0}
+        assert all("z" not in h for h in free_history) and all("z" in h for h in gated_history[1:])
+    assert moved_free >= 20 and moved_gated <= 6
+    # the optimum at lr ×2 with little noise: the gate takes the step
+    real = _chunked(math.log(2.0), 0.001, 1.0)
+    best, history = S.coordinate_search(real, ["lr"], lambda: True, 2.0, significance=2.0)
+    assert best["lr"] == pytest.approx(math.log(2.0)) and max(h.get("z", 0) for h in history) > 2.0
+
+
+def test_evaluate_chunks_scores_what_evaluate_loss_scores():
+    from optbundle.meta.refine import evaluate_chunks, evaluate_loss, token_data
+
+    model = digits_bert(0, hidden=16).eval()
+    data = token_data(digits_dataset(48, offset=96), 0, 128)
+    mean, chunks = evaluate_chunks(model, data, 16)
+    assert len(chunks) == 16 and mean == pytest.approx(evaluate_loss(model, data), rel=1e-6)
+    assert mean == pytest.approx(sum(chunks) / 16, rel=1e-6)  # 48 examples: 16 equal chunks
+    assert len(evaluate_chunks(model, token_data(digits_dataset(5), 0, 128), 16)[1]) == 5  # one example per chunk
+
+
+def test_refinement_with_the_gate_records_z_and_never_picks_an_insignificant_candidate(tmp_path):
+    bundle = _refine(_bundle(), tmp_path, budget="sweep4", significance=1e6).rule
+    prov = bundle.provenance
+    assert all("z" in entry for entry in prov["search"][1:]) and len(prov["search"]) == 4
+    # nothing can clear 1e6 standard errors: the parent's scalars and form
+    assert prov["scalars"].pop("adam_form") == 0.0 and set(prov["scalars"].values()) == {1.0}
+    assert any(entry["scales"].get("adam_form") == 1.0 for entry in prov["search"])  # the Adam form was tried
+    assert prov["before_after"]["held_out_loss_refined"] == prov["before_after"]["held_out_loss_parent"]
+    assert bundle.content_hash() == load_rule("default").content_hash()
+    with pytest.raises(ValueError, match="significance"):
+        RefineConfig.from_kwargs(significance=-1)
+
+
+def test_the_search_tries_the_adam_form_after_the_parent_and_keeps_it_only_if_it_wins():
+    names = ["lr", "schedule_steps", "adam_form"]
+    alternatives = S.form_alternatives(names, 0.125, 2.0)
+    assert [round(math.exp(a["lr"]), 6) for a in alternatives] == [0.125, 0.5, 0.03125]
+    assert S.form_alternatives(["lr"], 0.125, 2.0) == [] and S.form_alternatives(names, None, 2.0) == []
+
+    labels = []
+
+    def loss(x, label):  # the Adam form is better, best at lr ×1/8; the rule's form best at ×1
+        labels.append(label)
+        return (0.5 if x["adam_form"] else 1.0) + (x["lr"] - (math.log(0.125) if x["adam_form"] else 0.0)) ** 2
+
+    best, history = S.coordinate_search(loss, names, lambda: len(labels) < 6, 2.0, alternatives=alternatives)
+    assert labels[:4] == ["parent", "lr×0.125 adam_form", "lr×0.5 adam_form", "lr×0.0313 adam_form"]
+    assert len(history) == 6 and best["adam_form"] == 1.0
+    assert abs(best["lr"] - math.log(0.125)) < 1e-9 and best["schedule_steps"] == 0.0
+
+    def worse(x, label):  # the Adam form never helps: the parent's form is kept, its lr then searched
+        return (2.0 if x["adam_form"] else 1.0) + (x["lr"] - math.log(2.0)) ** 2
+
+    best, history = S.coordinate_search(worse, names, lambda: True, 2.0, alternatives=alternatives)
+    assert best["adam_form"] == 0.0 and abs(best["lr"] - math.log(2.0)) < 0.05
+
