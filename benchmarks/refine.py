@@ -70,6 +70,7 @@ from optbundle import Bundle, load_rule
 from optbundle.store import assets
 from optbundle.apps.finetune import build_datasets, load_model, load_tokenizer
 from optbundle.apps.refine import load_refine_recipe, run_refine_recipe
+from optbundle.meta.scalars import describe as describe_scalars
 from optbundle.meta.refine import (
     adamw_factory,
     TokenData,
@@ -645,7 +646,7 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
         f"- refinement cost: {', '.join(map(str, spent))} passes per seed vs the 5-point sweep's {result['sweep_passes']}"
         f" (5 × ({result['steps']} steps + held-out evaluation))",
         "- chosen scalars per seed: " + "; ".join(
-            ", ".join(f"{k} ×{v:.3g}" for k, v in r["scalars"].items() if abs(v - 1) > 1e-9) or "parent (no change)"
+            describe_scalars(r["scalars"])
             for r in result["refinements"]),
         "- validation loss parent → refined (inside the search): " + ", ".join(f"{a:.4f} → {b:.4f}" for a, b in per_seed_val),
         f"- selection noise: between two runs of one seed, the test-loss difference departs from the validation-loss"

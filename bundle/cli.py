@@ -51,6 +51,7 @@ from .files import (
     read_safetensors_header,
     verify_manifest,
 )
+from .meta.scalars import describe as describe_scalars
 from .step.rule import RULE_CONFIG_NAME
 from .store.hub import download_repo, is_hub_reference, pull_repo, push_directory, push_pretrained, rule_files
 from .store.pretrained import shipped_rule_names, shipped_rule_path
@@ -545,7 +546,7 @@ def refine(args: argparse.Namespace) -> int:
     print(f"refined bundle: {target}")
     provenance = refined.rule.provenance
     how = (f"{provenance['meta_steps']} meta-steps" if "meta_steps" in provenance else
-           "scalars " + ", ".join(f"{k} ×{v:.3g}" for k, v in provenance.get("scalars", {}).items() if v != 1.0))
+           "scalars " + describe_scalars(provenance.get("scalars", {})))
     print(f"parent rule {provenance['parent_rule'][:12]} -> refined {refined.rule.content_hash()[:12]} "
           f"({how}, {provenance['wall_time_s']:.0f} s)")
     if "budget" in provenance:

@@ -89,6 +89,13 @@ def factor(name: str, value: float) -> float:
     return float(value) if name == FORM_SCALAR else math.exp(value)
 
 
+def describe(factors: Mapping[str, float]) -> str:
+    """The chosen scalars in words: ``lr ×0.5, adam_form`` (what moved from the parent), or ``parent (no change)``."""
+    moved = [FORM_SCALAR if name == FORM_SCALAR else f"{name} ×{value:.3g}" for name, value in factors.items()
+             if (value != 0 if name == FORM_SCALAR else abs(value - 1) > 1e-9)]
+    return ", ".join(moved) or "parent (no change)"
+
+
 def form_alternatives(names: Iterable[str], lr_scale: float | None, step: float) -> list[dict[str, float]]:
     """The Adam-form candidates the search tries after the parent (module docstring): ``adam_form`` = 1 at lr
     ``lr_scale`` ×1, ×``step``², ×1/``step``²; none when ``adam_form`` is not among ``names`` or ``lr_scale`` is None."""

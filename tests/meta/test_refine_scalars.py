@@ -142,6 +142,8 @@ def test_scaled_rule_moves_only_the_named_scalars():
     assert S.scaled_rule(rule, {"adam_form": 0.0}).content_hash() == rule.content_hash()
     with pytest.raises(ValueError, match="adam_form"):
         S.scaled_rule(rule, {"adam_form": 0.5})
+    assert S.describe({"lr": 0.5, "schedule_steps": 1.0, "adam_form": 1.0}) == "lr ×0.5, adam_form"
+    assert S.describe({"lr": 1.0, "adam_form": 0.0}) == "parent (no change)"
 
 
 def test_coordinate_search_finds_a_quadratic_minimum_within_its_evaluations():
