@@ -286,8 +286,8 @@ def coordinate_search(
         if not affordable():
             return None
         x = {**best, **whole} if whole is not None else {**best, name: value}
-        keys = [k for k in SCALAR_ORDER if x.get(k)] if whole is not None else [name]  # factors are absolute
-        loss, chunks = scored(evaluate(x, label(x, keys)))
+        # every scalar that differs from the parent, by its absolute factor (e.g. "lr×0.25 adam_form")
+        loss, chunks = scored(evaluate(x, label(x, [k for k in SCALAR_ORDER if x.get(k)] or [name])))
         entry = {"log_scales": dict(x), "held_out_loss": loss}
         accept = loss < best_loss
         if significance > 0:

@@ -274,6 +274,7 @@ def test_the_search_tries_the_adam_form_after_the_parent_and_keeps_it_only_if_it
 
     best, history = S.coordinate_search(loss, names, lambda: len(labels) < 6, 2.0, alternatives=alternatives)
     assert labels[:4] == ["parent", "lr×0.125 adam_form", "lr×0.5 adam_form", "lr×0.0313 adam_form"]
+    assert labels[4] == "lr×0.25 adam_form"  # the coordinate steps go on from the best, and say so
     assert len(history) == 6 and best["adam_form"] == 1.0
     assert abs(best["lr"] - math.log(0.125)) < 1e-9 and best["schedule_steps"] == 0.0
 
