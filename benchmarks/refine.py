@@ -788,13 +788,14 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
 
 def write_domain_table() -> Path:
     parts = []
-    for name in DOMAINS:
+    evidence = [name for name in DOMAINS if not name.startswith("dev-")]  # dev domains choose settings: no rows here
+    for name in evidence:
         variants = [p for p in sorted(RESULTS.glob(f"refine-{name}-*.json"))
                     if not any(p.stem.startswith(f"refine-{other}") for other in DOMAINS if other.startswith(f"{name}-"))]
         for path in [RESULTS / f"refine-{name}.json", *variants]:
             if path.exists():
                 parts.append(domain_table(json.loads(path.read_text()), path.stem))
-    missing = [name for name in DOMAINS if not (RESULTS / f"refine-{name}.json").exists()]
+    missing = [name for name in evidence if not (RESULTS / f"refine-{name}.json").exists()]
     if missing:
         parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
     target = RESULTS / "refine.md"

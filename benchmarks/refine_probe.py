@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--rule", nargs="*", default=[], help="scalar settings of the default rule, e.g. adam_form=1,lr=0.125")
     parser.add_argument("--adamw", nargs="*", type=float, default=[], help="AdamW lrs")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="append one JSON line per run")
+    parser.add_argument("--out", type=Path, help="append one JSON line per run to OUT and the table to OUT with .md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = R.DOMAINS[args.domain]
@@ -50,17 +50,20 @@ def main() -> None:
     runs = [(f"rule {text}", lambda _n, rule=scaled_rule(default, parse_scalars(text)): Bundle(model, rule).build_optimizer(model))
             for text in args.rule]
     runs += [(f"AdamW lr={lr:g}", adamw_factory(lr, WEIGHT_DECAY)) for lr in args.adamw]
-    print(f"| {args.domain}, seed {args.seed}, {spec['steps']} steps | validation | test |\n|---|---:|---:|", flush=True)
+    lines = [f"| {args.domain}, seed {args.seed}, {spec['steps']} steps | validation | test |", "|---|---:|---:|"]
+    print("\n".join(lines), flush=True)
     for label, make in runs:
         task.reset(args.seed)
         result = finetune_curve(model, make, train, val, spec["steps"], seed=args.seed, batch_size=spec["batch"],
                                 eval_every=spec["steps"] + 1, eval_start=False)
         row = {"domain": args.domain, "seed": args.seed, "run": label, "val": result["final"], "test": evaluate_loss(model, test)}
-        print(f"| {label} | {row['val']:.4f} | {row['test']:.4f} |", flush=True)
+        lines.append(f"| {label} | {row['val']:.4f} | {row['test']:.4f} |")
+        print(lines[-1], flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
