@@ -616,8 +616,9 @@ def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
     lines = [
         f"### {result['domain']}" + (f" — refinement variant {options}" if options else ""),
         "",
-        *([f"Unrefined / AdamW / Muon rows reused from `{Path(result['reused_rows_from']).name}` (same seeds and "
-           "batches); only the refinement and the refined rule were run.", ""] if result.get("reused_rows_from") else []),
+        *([f"Unrefined / AdamW / Muon rows of seeds {reused_seeds(result)} reused from an earlier run of the same "
+           "seeds and batches (`reused_rows_from` in the JSON); only the refinement and the refined rule were run "
+           "for them.", ""] if reused_seeds(result) else []),
         f"{result['steps']} steps at batch {result['batch_size']}; seeds {result['seeds']}; train/validation/test "
         f"{result['sizes']['train']}/{result['sizes']['val']}/{result['sizes']['test']} examples; "
         f"{result['wall_s'] / 60:.0f} min on {result['threads']} thread(s)"
@@ -767,6 +768,14 @@ def domain_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def reused_seeds(result: dict[str, Any]) -> list[int]:
+    """The seeds whose unrefined / AdamW / Muon rows came from an earlier run (``--reuse``), merged files included."""
+    sources = result.get("reused_rows_from")
+    if isinstance(sources, list):  # a merge: one entry per merged file, in its seeds' order
+        return [seed for source, seeds in zip(sources, result["seeds_per_file"]) if source for seed in seeds]
+    return list(result["seeds"]) if sources else []
+
+
 def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
     """One domain's result from runs over disjoint seeds (``--seeds`` in separate processes): rows, refinements
     and seeds concatenated; the wall time is the sum (CPU-time-like: the processes ran side by side)."""
@@ -781,6 +790,7 @@ def merge_domain_results(paths: list[Path]) -> dict[str, Any]:
         raise SystemExit(f"--merge: seeds overlap: {seeds}")
     merged = dict(first)
     merged.update(seeds=seeds, rows=[row for r in results for row in r["rows"]],
+                  reused_rows_from=[r.get("reused_rows_from") for r in results], seeds_per_file=[r["seeds"] for r in results],
                   refinements=[x for r in results for x in r["refinements"]], wall_s=sum(r["wall_s"] for r in results),
                   merged_from=[str(p) for p in paths])
     return merged
