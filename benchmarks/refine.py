@@ -27,12 +27,15 @@ task. If I spend the same compute refining the bundle's optimizer, do I end up b
     python benchmarks/refine.py --domains minilm-lora-tweets --seeds 22 --out outputs/s22   # seeds side by side, then
     python benchmarks/refine.py --merge A.json B.json                 # one domain's JSON over disjoint seeds
     python benchmarks/refine.py --table                               # benchmarks/results/refine.md from the domains' JSON
-    python benchmarks/refine.py --domains minilm-lora-tweets --starts 2 --reuse R/refine-minilm-lora-tweets.json
-                                      # a variant of the search: only it and the refined rule run, the other rows reused
+    python benchmarks/refine.py --domains minilm-lora-tweets --significance 1 --reuse R/refine-minilm-lora-tweets.json
+                                      # a variant of the search (--starts, --scalar-step, --significance): only it
+                                      # and the refined rule run, the other rows reused
 
 Domains (`heldout_tasks` models, data outside the rule's meta-training): ``minilm-lora-tweets`` (MiniLM-L6 +
 LoRA r=8 + new head, VADER tweets), ``minilm-full-amazon`` (MiniLM-L6 full fine-tuning, VADER Amazon snippets),
-``smollm2-lora-tragedies`` (SmolLM2-135M + LoRA r=8, Shakespeare tragedies). Each domain's data is cut once into
+``smollm2-lora-tragedies`` (SmolLM2-135M + LoRA r=8, Shakespeare tragedies); ``minilm-lora-tweets-val512`` is the
+tweets domain with a 4× larger validation split (what selection noise costs), ``dev-minilm-full-nyt`` a development
+domain for choosing the search's settings (`benchmarks/refine_probe.py`; no rows in refine.md). Each domain's data is cut once into
 train / validation / test (disjoint). Per seed (the seed draws the new head / LoRA A and the batch order; every
 optimizer of a seed sees the same batches for ``steps`` steps), what a user would do:
 
@@ -808,6 +811,11 @@ def write_domain_table() -> Path:
     missing = [name for name in evidence if not (RESULTS / f"refine-{name}.json").exists()]
     if missing:
         parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
+    probes = sorted(RESULTS.glob("refine-probe-*.md"))
+    if probes:
+        parts.append("### Settings chosen on development domains\n\n`python benchmarks/refine_probe.py` (command in "
+                     "each table's file): single candidates of the search and AdamW, one seed.\n\n"
+                     + "\n".join(p.read_text() for p in probes))
     target = RESULTS / "refine.md"
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
             "per domain (writes `refine-NAME.json/.png`; a variant of the search: `--starts N` / `--scalar-step X` "
