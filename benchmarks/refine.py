@@ -813,8 +813,10 @@ def write_domain_table() -> Path:
         parts.append(f"Not measured (no `refine-NAME.json` yet): {', '.join(missing)}.\n")
     probes = sorted(RESULTS.glob("refine-probe-*.md"))
     if probes:
-        parts.append("### Settings chosen on development domains\n\n`python benchmarks/refine_probe.py` (command in "
-                     "each table's file): single candidates of the search and AdamW, one seed.\n\n"
+        parts.append("### Single candidates (`benchmarks/refine_probe.py`)\n\nSingle candidates of the search and "
+                     "AdamW, one seed, the command in each table's file: how the search's settings were chosen (dev "
+                     "domains) and what the search could not reach (evidence domains, a seed the table above already "
+                     "reports).\n\n"
                      + "\n".join(p.read_text() for p in probes))
     target = RESULTS / "refine.md"
     head = ("# Budgeted scalar refinement vs lr sweeps\n\nCommands: `python benchmarks/refine.py --domains NAME` "
@@ -823,7 +825,9 @@ def write_domain_table() -> Path:
             "--table`. The online arm: `--domains NAME --online --reuse benchmarks/results/refine-NAME.json --out DIR` "
             "(adds its rows to `DIR/refine-NAME.json`; its probe noise: `--domains NAME --probe-noise --seeds 21 --reuse "
             "DIR/refine-NAME.json --out DIR`), the result copied here. Protocol: see the docstring of "
-            "`benchmarks/refine.py`.\n\n")
+            "`benchmarks/refine.py`. Sections without a variant ran the search with no significance gate (its "
+            "default until `significance` defaulted to 1: the same as `--significance 0`); the `{'significance': 1.0}` "
+            "variants are the search as it ships.\n\n")
     target.write_text(head + "\n".join(parts))
     return target
 

@@ -28,7 +28,7 @@ refining the bundle's optimizer instead, do I end up better?" So:
   loss is lower by more than z standard errors of the paired difference over `HELD_OUT_CHUNKS` chunks of the
   held-out split (the same examples scored after both runs). With a small held-out split most lower losses are
   noise (`benchmarks/results/refine.md`, "selection noise"); the gate keeps the parent unless the split itself
-  says the difference is real. ``0``: any lower loss wins.
+  says the difference is real. ``0``: any lower loss wins (`RefineConfig` default: 1).
 - **Budget** (`resolve_budget`): ``"sweep5"`` = the forward-backward passes of a 5-point lr sweep of the same
   horizon (5 × (``horizon`` training steps + one held-out evaluation)); ``"sweepK"`` likewise; an int is a
   number of passes. A held-out evaluation batch counts as one pass (forward only, so this over-counts). The
