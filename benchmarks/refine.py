@@ -61,6 +61,7 @@ training wall time and the passes they spent. With ``--reuse`` only the online a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -76,6 +77,7 @@ from optbundle.apps.refine import load_refine_recipe, run_refine_recipe
 from optbundle.meta.scalars import describe as describe_scalars
 from optbundle.meta.refine import (
     adamw_factory,
+    RefineConfig,
     TokenData,
     finetune_curve,
     learned_optimizer_factory,
@@ -367,7 +369,9 @@ def run_domain(name: str, threads: int, seeds: list[int], out_dir: Path, save=No
 
     if reuse is not None and (reuse["domain"] != name or reuse["spec"] != spec or not set(seeds) <= set(reuse["seeds"])):
         raise SystemExit(f"--reuse: not a run of {name} with these settings and seeds {seeds}")
-    options = {"adapt": "scalars", "horizon": steps, "budget": "sweep5", **(refine_options or {})}
+    defaults = RefineConfig()
+    options = {"adapt": "scalars", "horizon": steps, "budget": "sweep5", "significance": defaults.significance,
+               "adam_form_lr": defaults.adam_form_lr, **(refine_options or {})}  # the effective search settings
     rows, refinements = [], []
     start = time.perf_counter()
     for seed in seeds:
@@ -605,11 +609,19 @@ def domain_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def search_variant(result: dict[str, Any]) -> dict[str, Any]:
+    """The search settings of ``result`` that differ from what `Bundle.refine` ships now. A result recorded
+    without ``significance`` ran before the gate existed (= 0); without ``adam_form_lr``, with the default."""
+    recorded = {"significance": 0.0, **(result.get("refine_options") or {})}
+    defaults = dataclasses.asdict(RefineConfig())
+    return {k: v for k, v in recorded.items() if k not in ("adapt", "horizon", "budget") and v != defaults.get(k)}
+
+
 def domain_table(result: dict[str, Any], stem: str | None = None) -> str:
     """One domain's section of refine.md; ``stem``: the file name of its JSON/PNG without suffix."""
     stem = stem or f"refine-{result['domain']}"
     summary = domain_summary(result)
-    options = {k: v for k, v in (result.get("refine_options") or {}).items() if k not in ("adapt", "horizon", "budget")}
+    options = search_variant(result)
     spent = [r["budget"]["spent"] for r in result["refinements"]]
     unref, ref = summary["unrefined rule"], summary["refined rule"]
     diffs = [u - r for u, r in zip(unref, ref)]
@@ -825,9 +837,9 @@ def write_domain_table() -> Path:
             "--table`. The online arm: `--domains NAME --online --reuse benchmarks/results/refine-NAME.json --out DIR` "
             "(adds its rows to `DIR/refine-NAME.json`; its probe noise: `--domains NAME --probe-noise --seeds 21 --reuse "
             "DIR/refine-NAME.json --out DIR`), the result copied here. Protocol: see the docstring of "
-            "`benchmarks/refine.py`. Sections without a variant ran the search with no significance gate (its "
-            "default until `significance` defaulted to 1: the same as `--significance 0`); the `{'significance': 1.0}` "
-            "variants are the search as it ships.\n\n")
+            "`benchmarks/refine.py`. A section's heading names the search settings that differ from what "
+            "`Bundle.refine` ships (`significance` 0: a run from before the gate); no settings: the search as it "
+            "ships.\n\n")
     target.write_text(head + "\n".join(parts))
     return target
 
