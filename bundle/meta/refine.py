@@ -367,21 +367,14 @@ class TransformersTask(T.ModuleTask):
 
 def evaluate_loss(model: nn.Module, data: TokenData, batch_size: int = scalars.EVAL_BATCH_SIZE) -> float:
     """Mean loss of ``model`` over ``data`` (eval mode, no grad), weighted by examples."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            ids, mask, labels = data.gather(torch.arange(start, min(start + batch_size, len(data))))
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            total += float(loss) * ids.shape[0]
-            count += ids.shape[0]
-    return total / max(count, 1)
+    return evaluate_chunks(model, data, 1, batch_size)[0] if len(data) else 0.0
 
 
 def evaluate_chunks(model: nn.Module, data: TokenData, chunks: int,
                     batch_size: int = scalars.EVAL_BATCH_SIZE) -> tuple[float, list[float]]:
     """``(mean loss, per-chunk mean losses)`` of ``model`` over ``data`` cut into ``min(chunks, len(data))``
     contiguous chunks of (nearly) equal size, each scored in batches of at most ``batch_size``; the mean is
-    weighted by examples, as `evaluate_loss`."""
+    weighted by examples (`evaluate_loss` is its one-chunk mean)."""
     parts = torch.tensor_split(torch.arange(len(data)), min(chunks, len(data)))
     losses, total = [], 0.0
     with torch.no_grad():
@@ -443,12 +436,13 @@ def finetune_curve(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_losses.append(float(loss.detach()))
-        if chunks and step == steps:
-            final, final_chunks = evaluate_chunks(model, held_out, chunks)
+        if step % eval_every == 0 or step == steps:
+            if chunks and step == steps:
+                final, final_chunks = evaluate_chunks(model, held_out, chunks)
+            else:
+                final = evaluate_loss(model, held_out)
             curve.append((step, final))
-        elif step % eval_every == 0 or step == steps:
-            curve.append((step, evaluate_loss(model, held_out)))
-            bar.set_postfix(held_out_loss=f"{curve[-1][1]:.4f}")
+            bar.set_postfix(held_out_loss=f"{final:.4f}")
         bar.update(1)
     bar.close()
     finite = all(math.isfinite(v) for _, v in curve)
